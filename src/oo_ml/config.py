@@ -1,0 +1,232 @@
+"""Configuration: one frozen dataclass tree, loaded from `OO_*` variables and `oo-ml serve` flags.
+
+Each leaf field declares its environment variable, its flag (if any) and its help text in
+the field's metadata, so `--help`, the README table (`oo-ml config`) and the loader all read
+the same declaration. A flag beats the environment, which beats the default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar, cast
+
+from oo_ml.contracts import MAX_CANDIDATES
+
+T = TypeVar("T")
+
+
+def setting(default: T, env: str, help: str, flag: str | None = None) -> T:
+    """Declare a config leaf: its default, env variable, optional flag and help."""
+    return cast(T, field(default=default, metadata={"env": env, "flag": flag, "help": help}))
+
+
+def _parse_bool(raw: str) -> bool:
+    v = raw.strip().lower()
+    if v in {"1", "true", "yes", "on"}:
+        return True
+    if v in {"0", "false", "no", "off", ""}:
+        return False
+    raise ValueError(f"not a boolean: {raw!r}")
+
+
+def _parse_optional_float(raw: str) -> float | None:
+    v = raw.strip().lower()
+    if v in {"", "off", "none"}:
+        return None
+    return float(v)
+
+
+def _parse_csv(raw: str) -> tuple[str, ...]:
+    return tuple(p.strip() for p in raw.split(",") if p.strip())
+
+
+_PARSERS: dict[str, Callable[[str], Any]] = {
+    "str": str,
+    "int": int,
+    "float": float,
+    "bool": _parse_bool,
+    "Path": Path,
+    "float | None": _parse_optional_float,
+    "tuple[str, ...]": _parse_csv,
+    "str | None": lambda raw: raw or None,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    host: str = setting("127.0.0.1", "OO_HOST", "Address to listen on.", "--host")
+    port: int = setting(50051, "OO_PORT", "Port to listen on (0 picks a free one).", "--port")
+    data_dir: Path = setting(
+        Path(".data"), "OO_DATA_DIR", "Folder for the SQLite state and the local NATS store.", "--data-dir"
+    )
+    max_message_bytes: int = setting(
+        1 << 20, "OO_MAX_MESSAGE_BYTES", "Largest request or response message, in bytes."
+    )
+    grace_s: float = setting(
+        10.0, "OO_SHUTDOWN_GRACE_S", "On SIGTERM, how long in-flight calls may run before they are cut."
+    )
+    auth_token: str | None = setting(
+        None, "OO_AUTH_TOKEN", "Bearer token every RPC must carry (unset: no auth)."
+    )
+    admin_token: str | None = setting(
+        None, "OO_ADMIN_TOKEN", "Bearer token for admin RPCs (Reset); unset: Reset is refused when auth is on."
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class ScoringConfig:
+    default_policy: str = setting("egreedy", "OO_POLICY", "Policy used when a request names none.", "--policy")
+    shadow_policies: tuple[str, ...] = setting(
+        (), "OO_SHADOW_POLICIES", "Comma-separated policies scored off the hot path beside the served one."
+    )
+    epsilon: float = setting(0.1, "OO_EPSILON", "Exploration rate of the egreedy policies.")
+    linucb_alpha: float = setting(1.0, "OO_LINUCB_ALPHA", "Width of LinUCB's confidence bonus.")
+    thompson_scale: float = setting(0.5, "OO_THOMPSON_SCALE", "Posterior scale of linear Thompson sampling.")
+    ridge_lambda: float = setting(1.0, "OO_RIDGE_LAMBDA", "Ridge prior strength (A starts as lambda*I).")
+    max_candidates: int = setting(
+        MAX_CANDIDATES, "OO_MAX_CANDIDATES", "Most candidates one Score may carry (proto default)."
+    )
+    reward_window_s: float = setting(
+        86400.0, "OO_REWARD_WINDOW_S", "How long after a decision a Reward is accepted."
+    )
+    default_reward: float | None = setting(
+        0.0, "OO_DEFAULT_REWARD", "Reward given to decisions unrewarded past the window ('off' disables)."
+    )
+    sweep_interval_s: float = setting(
+        30.0, "OO_SWEEP_INTERVAL_S", "How often the sweeper applies default rewards."
+    )
+    prior_refresh_s: float = setting(
+        30.0, "OO_PRIOR_REFRESH_S", "How often the population prior is recomputed."
+    )
+    prior_weight: float = setting(
+        0.2, "OO_PRIOR_WEIGHT", "How many pseudo-observations per arm the population prior is worth, as a share of the population's evidence (capped)."
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class IngestConfig:
+    enabled: bool = setting(True, "OO_INGEST", "Consume signals.> and feedback.> from NATS JetStream.")
+    nats_url: str | None = setting(
+        None, "OO_NATS_URL", "NATS server to use; unset: start a local nats-server under the data dir."
+    )
+    snoozed_reward: float = setting(0.2, "OO_SNOOZED_REWARD", "Reward of a snoozed tip (completed = 1, dismissed = 0).")
+    dedupe_window_s: float = setting(
+        7 * 86400.0, "OO_DEDUPE_WINDOW_S", "How long an applied event_id is remembered (at least 24 h)."
+    )
+    batch: int = setting(256, "OO_INGEST_BATCH", "Messages fetched per pull.")
+    ack_wait_s: float = setting(30.0, "OO_INGEST_ACK_WAIT_S", "Redelivery wait of an unacked message.")
+    max_deliver: int = setting(5, "OO_INGEST_MAX_DELIVER", "Deliveries before a message is dead-lettered.")
+
+
+@dataclass(frozen=True, slots=True)
+class LLMConfig:
+    model: str | None = setting(None, "OO_LLM_MODEL", "LiteLLM model name; unset: fallback tips only.")
+    api_base: str | None = setting(None, "OO_LLM_API_BASE", "Base URL of the model provider's API.")
+    timeout_s: float = setting(3.0, "OO_LLM_TIMEOUT_S", "Deadline of one model call, retries included.")
+    retries: int = setting(1, "OO_LLM_RETRIES", "Retries of a failed model call within the deadline.")
+    concurrency: int = setting(8, "OO_LLM_CONCURRENCY", "Model calls in flight at once; more wait.")
+    default_prompt_version: str = setting(
+        "v1", "DEFAULT_PROMPT_VERSION", "Prompt version used when a request names none."
+    )
+    prompt_rotation: tuple[str, ...] = setting(
+        (), "OO_PROMPT_ROTATION", "Comma-separated versions assigned by a stable hash of user_id."
+    )
+    max_chars: int = setting(280, "OO_LLM_MAX_CHARS", "Longest tip accepted from the model.")
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)
+    ingest: IngestConfig = field(default_factory=IngestConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
+
+    def __post_init__(self) -> None:
+        problems = []
+        s = self.scoring
+        if not 0 <= s.epsilon <= 1:
+            problems.append(f"OO_EPSILON must be in [0, 1] (got {s.epsilon})")
+        if s.ridge_lambda <= 0:
+            problems.append("OO_RIDGE_LAMBDA must be > 0")
+        if s.max_candidates < 1:
+            problems.append("OO_MAX_CANDIDATES must be >= 1")
+        if s.reward_window_s <= 0:
+            problems.append("OO_REWARD_WINDOW_S must be > 0")
+        if s.default_reward is not None and not math.isfinite(s.default_reward):
+            problems.append("OO_DEFAULT_REWARD must be finite or 'off'")
+        if self.ingest.dedupe_window_s < 86400:
+            problems.append("OO_DEDUPE_WINDOW_S must be at least 86400 (24 h)")
+        if self.ingest.max_deliver < 2:
+            problems.append("OO_INGEST_MAX_DELIVER must be >= 2")
+        if self.llm.timeout_s <= 0 or self.llm.concurrency < 1:
+            problems.append("OO_LLM_TIMEOUT_S must be > 0 and OO_LLM_CONCURRENCY >= 1")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+
+_SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
+
+
+def _leaves() -> list[tuple[str, type[Any], dataclasses.Field[Any]]]:
+    out = []
+    for section in dataclasses.fields(Config):
+        cls = {"server": ServerConfig, "scoring": ScoringConfig, "ingest": IngestConfig, "llm": LLMConfig}[
+            section.name
+        ]
+        out.extend((section.name, cls, f) for f in dataclasses.fields(cls))
+    return out
+
+
+def add_flags(parser: argparse.ArgumentParser) -> None:
+    """Add one flag per leaf that declares one; help shows the env variable and default."""
+    for _section, _cls, f in _leaves():
+        flag = f.metadata["flag"]
+        if flag:
+            parser.add_argument(
+                flag,
+                dest=f.name,
+                default=None,
+                help=f"{f.metadata['help']} Env {f.metadata['env']}; default {f.default!s}.",
+            )
+
+
+def load(env: Mapping[str, str] | None = None, flags: argparse.Namespace | None = None) -> Config:
+    """Build the config from env (os.environ by default) and parsed flags."""
+    env = os.environ if env is None else env
+    sections: dict[str, dict[str, Any]] = {name: {} for name in _SECTIONS}
+    errors = []
+    for section, _cls, f in _leaves():
+        raw: str | None = None
+        if flags is not None and getattr(flags, f.name, None) is not None:
+            raw = str(getattr(flags, f.name))
+        elif f.metadata["env"] in env:
+            raw = env[f.metadata["env"]]
+        if raw is None:
+            continue
+        parse = _PARSERS[str(f.type)]
+        try:
+            sections[section][f.name] = parse(raw)
+        except ValueError as e:
+            errors.append(f"{f.metadata['env']}: {e}")
+    if errors:
+        raise ValueError("; ".join(errors))
+    return Config(
+        server=ServerConfig(**sections["server"]),
+        scoring=ScoringConfig(**sections["scoring"]),
+        ingest=IngestConfig(**sections["ingest"]),
+        llm=LLMConfig(**sections["llm"]),
+    )
+
+
+def describe() -> list[tuple[str, str, str, str]]:
+    """(env, flag, default, help) for every setting, for `oo-ml config` and the README."""
+    return [
+        (f.metadata["env"], f.metadata["flag"] or "", str(f.default), f.metadata["help"])
+        for _s, _c, f in _leaves()
+    ]
