@@ -62,6 +62,29 @@ class NoStoredFeatures:
 
 
 @dataclass(frozen=True, slots=True)
+class TaskView:
+    """One open task, as the prompt sees it. The title is user data: never log it."""
+
+    title: str
+    due_at: float | None  # unix seconds
+    priority: int
+    overdue: bool
+
+
+class TaskSource(Protocol):
+    """The user's open tasks from the task-context store (filled by TaskSynced events)."""
+
+    async def open_tasks(self, user_id: str, now: float, limit: int) -> list[TaskView]: ...
+
+
+class NoTasks:
+    """A TaskSource with nothing in it (ingest off, or tests)."""
+
+    async def open_tasks(self, user_id: str, now: float, limit: int) -> list[TaskView]:
+        return []
+
+
+@dataclass(frozen=True, slots=True)
 class Inputs:
     """What the request supplied; None where it left a value out."""
 
