@@ -14,7 +14,7 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
 from oo_ml.contracts import MAX_CANDIDATES
 
@@ -23,7 +23,8 @@ T = TypeVar("T")
 
 def setting(default: T, env: str, help: str, flag: str | None = None) -> T:
     """Declare a config leaf: its default, env variable, optional flag and help."""
-    return cast(T, field(default=default, metadata={"env": env, "flag": flag, "help": help}))
+    value: T = field(default=default, metadata={"env": env, "flag": flag, "help": help})
+    return value
 
 
 def _parse_bool(raw: str) -> bool:
@@ -63,32 +64,47 @@ class ServerConfig:
     host: str = setting("127.0.0.1", "OO_HOST", "Address to listen on.", "--host")
     port: int = setting(50051, "OO_PORT", "Port to listen on (0 picks a free one).", "--port")
     data_dir: Path = setting(
-        Path(".data"), "OO_DATA_DIR", "Folder for the SQLite state and the local NATS store.", "--data-dir"
+        Path(".data"),
+        "OO_DATA_DIR",
+        "Folder for the SQLite state and the local NATS store.",
+        "--data-dir",
     )
     max_message_bytes: int = setting(
         1 << 20, "OO_MAX_MESSAGE_BYTES", "Largest request or response message, in bytes."
     )
     grace_s: float = setting(
-        10.0, "OO_SHUTDOWN_GRACE_S", "On SIGTERM, how long in-flight calls may run before they are cut."
+        10.0,
+        "OO_SHUTDOWN_GRACE_S",
+        "On SIGTERM, how long in-flight calls may run before they are cut.",
     )
     auth_token: str | None = setting(
         None, "OO_AUTH_TOKEN", "Bearer token every RPC must carry (unset: no auth)."
     )
     admin_token: str | None = setting(
-        None, "OO_ADMIN_TOKEN", "Bearer token for admin RPCs (Reset); unset: Reset is refused when auth is on."
+        None,
+        "OO_ADMIN_TOKEN",
+        "Bearer token for admin RPCs (Reset); unset: Reset is refused when auth is on.",
     )
 
 
 @dataclass(frozen=True, slots=True)
 class ScoringConfig:
-    default_policy: str = setting("egreedy", "OO_POLICY", "Policy used when a request names none.", "--policy")
+    default_policy: str = setting(
+        "egreedy", "OO_POLICY", "Policy used when a request names none.", "--policy"
+    )
     shadow_policies: tuple[str, ...] = setting(
-        (), "OO_SHADOW_POLICIES", "Comma-separated policies scored off the hot path beside the served one."
+        (),
+        "OO_SHADOW_POLICIES",
+        "Comma-separated policies scored off the hot path beside the served one.",
     )
     epsilon: float = setting(0.1, "OO_EPSILON", "Exploration rate of the egreedy policies.")
     linucb_alpha: float = setting(1.0, "OO_LINUCB_ALPHA", "Width of LinUCB's confidence bonus.")
-    thompson_scale: float = setting(0.5, "OO_THOMPSON_SCALE", "Posterior scale of linear Thompson sampling.")
-    ridge_lambda: float = setting(1.0, "OO_RIDGE_LAMBDA", "Ridge prior strength (A starts as lambda*I).")
+    thompson_scale: float = setting(
+        0.5, "OO_THOMPSON_SCALE", "Posterior scale of linear Thompson sampling."
+    )
+    ridge_lambda: float = setting(
+        1.0, "OO_RIDGE_LAMBDA", "Ridge prior strength (A starts as lambda*I)."
+    )
     max_candidates: int = setting(
         MAX_CANDIDATES, "OO_MAX_CANDIDATES", "Most candidates one Score may carry (proto default)."
     )
@@ -96,7 +112,9 @@ class ScoringConfig:
         86400.0, "OO_REWARD_WINDOW_S", "How long after a decision a Reward is accepted."
     )
     default_reward: float | None = setting(
-        0.0, "OO_DEFAULT_REWARD", "Reward given to decisions unrewarded past the window ('off' disables)."
+        0.0,
+        "OO_DEFAULT_REWARD",
+        "Reward given to decisions unrewarded past the window ('off' disables).",
     )
     sweep_interval_s: float = setting(
         30.0, "OO_SWEEP_INTERVAL_S", "How often the sweeper applies default rewards."
@@ -105,31 +123,51 @@ class ScoringConfig:
         30.0, "OO_PRIOR_REFRESH_S", "How often the population prior is recomputed."
     )
     prior_weight: float = setting(
-        0.2, "OO_PRIOR_WEIGHT", "How many pseudo-observations per arm the population prior is worth, as a share of the population's evidence (capped)."
+        0.2,
+        "OO_PRIOR_WEIGHT",
+        "How many pseudo-observations per arm the population prior is worth, as a share of the population's evidence (capped).",
     )
 
 
 @dataclass(frozen=True, slots=True)
 class IngestConfig:
-    enabled: bool = setting(True, "OO_INGEST", "Consume signals.> and feedback.> from NATS JetStream.")
-    nats_url: str | None = setting(
-        None, "OO_NATS_URL", "NATS server to use; unset: start a local nats-server under the data dir."
+    enabled: bool = setting(
+        True, "OO_INGEST", "Consume signals.> and feedback.> from NATS JetStream."
     )
-    snoozed_reward: float = setting(0.2, "OO_SNOOZED_REWARD", "Reward of a snoozed tip (completed = 1, dismissed = 0).")
+    nats_url: str | None = setting(
+        None,
+        "OO_NATS_URL",
+        "NATS server to use; unset: start a local nats-server under the data dir.",
+    )
+    snoozed_reward: float = setting(
+        0.2, "OO_SNOOZED_REWARD", "Reward of a snoozed tip (completed = 1, dismissed = 0)."
+    )
     dedupe_window_s: float = setting(
-        7 * 86400.0, "OO_DEDUPE_WINDOW_S", "How long an applied event_id is remembered (at least 24 h)."
+        7 * 86400.0,
+        "OO_DEDUPE_WINDOW_S",
+        "How long an applied event_id is remembered (at least 24 h).",
     )
     batch: int = setting(256, "OO_INGEST_BATCH", "Messages fetched per pull.")
-    ack_wait_s: float = setting(30.0, "OO_INGEST_ACK_WAIT_S", "Redelivery wait of an unacked message.")
-    max_deliver: int = setting(5, "OO_INGEST_MAX_DELIVER", "Deliveries before a message is dead-lettered.")
+    ack_wait_s: float = setting(
+        30.0, "OO_INGEST_ACK_WAIT_S", "Redelivery wait of an unacked message."
+    )
+    max_deliver: int = setting(
+        5, "OO_INGEST_MAX_DELIVER", "Deliveries before a message is dead-lettered."
+    )
 
 
 @dataclass(frozen=True, slots=True)
 class LLMConfig:
-    model: str | None = setting(None, "OO_LLM_MODEL", "LiteLLM model name; unset: fallback tips only.")
+    model: str | None = setting(
+        None, "OO_LLM_MODEL", "LiteLLM model name; unset: fallback tips only."
+    )
     api_base: str | None = setting(None, "OO_LLM_API_BASE", "Base URL of the model provider's API.")
-    timeout_s: float = setting(3.0, "OO_LLM_TIMEOUT_S", "Deadline of one model call, retries included.")
-    retries: int = setting(1, "OO_LLM_RETRIES", "Retries of a failed model call within the deadline.")
+    timeout_s: float = setting(
+        3.0, "OO_LLM_TIMEOUT_S", "Deadline of one model call, retries included."
+    )
+    retries: int = setting(
+        1, "OO_LLM_RETRIES", "Retries of a failed model call within the deadline."
+    )
     concurrency: int = setting(8, "OO_LLM_CONCURRENCY", "Model calls in flight at once; more wait.")
     default_prompt_version: str = setting(
         "v1", "DEFAULT_PROMPT_VERSION", "Prompt version used when a request names none."
@@ -174,11 +212,14 @@ _SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
 
 
 def _leaves() -> list[tuple[str, type[Any], dataclasses.Field[Any]]]:
-    out = []
+    out: list[tuple[str, type[Any], dataclasses.Field[Any]]] = []
     for section in dataclasses.fields(Config):
-        cls = {"server": ServerConfig, "scoring": ScoringConfig, "ingest": IngestConfig, "llm": LLMConfig}[
-            section.name
-        ]
+        cls = {
+            "server": ServerConfig,
+            "scoring": ScoringConfig,
+            "ingest": IngestConfig,
+            "llm": LLMConfig,
+        }[section.name]
         out.extend((section.name, cls, f) for f in dataclasses.fields(cls))
     return out
 

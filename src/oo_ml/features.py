@@ -142,7 +142,11 @@ def assemble(
         elif contract.source in (Source.TASK_STORE, Source.PROFILE_STORE):
             s = stored.get(name)
             if s is not None and _fresh(contract, s, now):
-                origin = Origin.TASK_STORE if contract.source is Source.TASK_STORE else Origin.PROFILE_STORE
+                origin = (
+                    Origin.TASK_STORE
+                    if contract.source is Source.TASK_STORE
+                    else Origin.PROFILE_STORE
+                )
                 values[name], origins[name] = s.value, origin
                 continue
         values[name], origins[name] = contract.fallback, Origin.FALLBACK
@@ -163,7 +167,15 @@ def vectorise_v1(f: Assembled) -> Vector:
     h = f["hour_of_day"] / 24.0 * _TWO_PI
     d = f["day_of_week"] / 7.0 * _TWO_PI
     return np.array(
-        [1.0, math.sin(h), math.cos(h), math.sin(d), math.cos(d), _load(f["open_tasks"]), _load(f["overdue_tasks"])],
+        [
+            1.0,
+            math.sin(h),
+            math.cos(h),
+            math.sin(d),
+            math.cos(d),
+            _load(f["open_tasks"]),
+            _load(f["overdue_tasks"]),
+        ],
         dtype=np.float64,
     )
 

@@ -33,7 +33,12 @@ def _valid_timezone(name: str) -> bool:
     return True
 
 
-def _scalar(path: str, value: Any, field: FieldDescriptor, rules: FieldRules) -> Iterator[str]:
+def _num(v: float) -> str:
+    # Exact for integers of any size; `:g` would print 86400000 as 8.64e+07.
+    return str(int(v)) if float(v).is_integer() else repr(float(v))
+
+
+def _scalar(path: str, value: Any, field: Any, rules: FieldRules) -> Iterator[str]:
     if field.type == _STRING:
         n = len(value)
         if rules.min_len and n < rules.min_len:
@@ -48,12 +53,14 @@ def _scalar(path: str, value: Any, field: FieldDescriptor, rules: FieldRules) ->
             yield f"must be a finite number (got {value})"
         return
     if rules.min is not None and value < rules.min:
-        yield f"must be >= {rules.min:g} (got {value})"
+        yield f"must be >= {_num(rules.min)} (got {value})"
     if rules.max is not None and value > rules.max:
-        yield f"must be <= {rules.max:g} (got {value})"
+        yield f"must be <= {_num(rules.max)} (got {value})"
 
 
-def violations(msg: Message, prefix: str = "", max_items: dict[str, int] | None = None) -> list[FieldViolation]:
+def violations(
+    msg: Message, prefix: str = "", max_items: dict[str, int] | None = None
+) -> list[FieldViolation]:
     """Every rule and contract violation in msg. max_items overrides a field's max_items,
     keyed by its full proto name (the server's configurable candidate limit)."""
     out: list[FieldViolation] = []
@@ -87,7 +94,9 @@ def violations(msg: Message, prefix: str = "", max_items: dict[str, int] | None 
                 if field.type == _MESSAGE:
                     out.extend(violations(item, f"{path}[{i}].", max_items))
                 elif rules is not None:
-                    out.extend(FieldViolation(f"{path}[{i}]", d) for d in _scalar(path, item, field, rules))
+                    out.extend(
+                        FieldViolation(f"{path}[{i}]", d) for d in _scalar(path, item, field, rules)
+                    )
             continue
 
         present = msg.HasField(field.name) if field.has_presence else True
@@ -110,7 +119,9 @@ def violations(msg: Message, prefix: str = "", max_items: dict[str, int] | None 
                 out.append(FieldViolation(path, f"must be a finite number (got {value})"))
             elif not contract.in_range(value):
                 out.append(
-                    FieldViolation(path, f"must be in [{contract.min:g}, {contract.max:g}] (got {value})")
+                    FieldViolation(
+                        path, f"must be in [{_num(contract.min)}, {_num(contract.max)}] (got {value})"
+                    )
                 )
     return out
 

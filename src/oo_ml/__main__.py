@@ -1,0 +1,3 @@
+from oo_ml.cli import main
+
+raise SystemExit(main())

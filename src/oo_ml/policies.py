@@ -1,0 +1,186 @@
+"""Contextual-bandit policies: pure functions of (state, x, arms, rng).
+
+A policy never holds learned state: `select` reads a `PolicyState` and returns a
+`Selection`; learning is `PolicyState.learned`, shared by every linear policy. The RNG is
+made by the caller from the decision id, so a decision replays exactly.
+
+Every selection carries each candidate's score and propensity (summing to 1) and whether
+it explored. Ties in the greedy choice are broken at random among the tied candidates and
+their propensity is split evenly, so even a deterministic policy reports honest
+propensities for logged data; a deterministic policy without ties gives its choice
+propensity 1 (see docs/policies.md for what that means for off-policy evaluation).
+
+Policies are chosen from `POLICIES` by name; `make_policy` builds one from config.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from oo_ml.config import ScoringConfig
+from oo_ml.features import FEATURE_VERSIONS, Vector
+from oo_ml.state import PolicyState
+
+_TIE = 1e-12
+# Monte Carlo draws used to estimate Thompson sampling's propensities.
+_TS_DRAWS = 256
+
+
+@dataclass(frozen=True, slots=True)
+class Selection:
+    chosen: int
+    scores: tuple[float, ...]
+    propensities: tuple[float, ...]
+    explored: bool
+
+
+class Policy(Protocol):
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def feature_version(self) -> str: ...
+
+    @property
+    def deterministic(self) -> bool: ...
+
+    def select(
+        self, state: PolicyState, x: Vector, arms: Sequence[str], rng: np.random.Generator
+    ) -> Selection: ...
+
+
+def estimates(state: PolicyState, x: Vector, arms: Sequence[str]) -> npt.NDArray[np.float64]:
+    """Each arm's ridge estimate theta_a . x."""
+    return np.array([float(state.arms[a].theta @ x) for a in arms], dtype=np.float64)
+
+
+def _greedy(scores: npt.NDArray[np.float64]) -> npt.NDArray[np.intp]:
+    return np.flatnonzero(scores >= scores.max() - _TIE)
+
+
+def _argmax_with_ties(
+    scores: npt.NDArray[np.float64], rng: np.random.Generator
+) -> tuple[int, npt.NDArray[np.float64]]:
+    best = _greedy(scores)
+    props = np.zeros(len(scores))
+    props[best] = 1.0 / len(best)
+    return int(best[rng.integers(len(best))]), props
+
+
+@dataclass(frozen=True, slots=True)
+class EpsilonGreedy:
+    name: str
+    feature_version: str
+    epsilon: float
+    deterministic: bool = False
+
+    def select(
+        self, state: PolicyState, x: Vector, arms: Sequence[str], rng: np.random.Generator
+    ) -> Selection:
+        scores = estimates(state, x, arms)
+        k = len(arms)
+        best = _greedy(scores)
+        props = np.full(k, self.epsilon / k)
+        props[best] += (1.0 - self.epsilon) / len(best)
+        explore = bool(rng.random() < self.epsilon)
+        chosen = int(rng.integers(k)) if explore else int(best[rng.integers(len(best))])
+        return Selection(
+            chosen=chosen,
+            scores=tuple(scores.tolist()),
+            propensities=tuple(props.tolist()),
+            explored=chosen not in best,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class LinUCB:
+    name: str
+    feature_version: str
+    alpha: float
+    deterministic: bool = True
+
+    def select(
+        self, state: PolicyState, x: Vector, arms: Sequence[str], rng: np.random.Generator
+    ) -> Selection:
+        mean = estimates(state, x, arms)
+        width = np.array([float(np.sqrt(max(x @ state.arms[a].a_inv @ x, 0.0))) for a in arms])
+        ucb = mean + self.alpha * width
+        chosen, props = _argmax_with_ties(ucb, rng)
+        return Selection(
+            chosen=chosen,
+            scores=tuple(ucb.tolist()),
+            propensities=tuple(props.tolist()),
+            # The bonus, not the estimate, made the choice.
+            explored=chosen not in _greedy(mean),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class LinearThompson:
+    name: str
+    feature_version: str
+    scale: float
+    deterministic: bool = False
+
+    def select(
+        self, state: PolicyState, x: Vector, arms: Sequence[str], rng: np.random.Generator
+    ) -> Selection:
+        mean = estimates(state, x, arms)
+        # theta_a ~ N(A^-1 b, v^2 A^-1) gives x.theta_a ~ N(mean_a, v^2 x'A^-1 x): sampling the
+        # scalar is exact and needs no Cholesky factor.
+        sd = np.array(
+            [self.scale * float(np.sqrt(max(x @ state.arms[a].a_inv @ x, 0.0))) for a in arms]
+        )
+        draws = mean + sd * rng.standard_normal((_TS_DRAWS, len(arms)))
+        winners = draws.argmax(axis=1)
+        chosen = int(winners[0])
+        counts = np.bincount(winners, minlength=len(arms)).astype(np.float64)
+        props = counts / counts.sum()
+        return Selection(
+            chosen=chosen,
+            scores=tuple(draws[0].tolist()),
+            propensities=tuple(props.tolist()),
+            explored=chosen not in _greedy(mean),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Uniform:
+    name: str
+    feature_version: str
+    deterministic: bool = False
+
+    def select(
+        self, state: PolicyState, x: Vector, arms: Sequence[str], rng: np.random.Generator
+    ) -> Selection:
+        k = len(arms)
+        return Selection(
+            chosen=int(rng.integers(k)),
+            scores=tuple(estimates(state, x, arms).tolist()),
+            propensities=(1.0 / k,) * k,
+            explored=True,
+        )
+
+
+PolicyFactory = Callable[[ScoringConfig], Policy]
+
+POLICIES: dict[str, PolicyFactory] = {
+    "egreedy": lambda c: EpsilonGreedy("egreedy", "v1", c.epsilon),
+    "egreedy-v2": lambda c: EpsilonGreedy("egreedy-v2", "v2", c.epsilon),
+    "linucb": lambda c: LinUCB("linucb", "v2", c.linucb_alpha),
+    "lints": lambda c: LinearThompson("lints", "v2", c.thompson_scale),
+    "uniform": lambda c: Uniform("uniform", "v1"),
+}
+
+
+def build_policies(config: ScoringConfig) -> dict[str, Policy]:
+    policies = {name: factory(config) for name, factory in POLICIES.items()}
+    for p in policies.values():
+        if p.feature_version not in FEATURE_VERSIONS:
+            raise ValueError(f"policy {p.name} needs unknown feature version {p.feature_version}")
+    return policies

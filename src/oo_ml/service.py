@@ -1,0 +1,213 @@
+"""The gRPC handlers of `oo.scoring.v1.ScoringService`: they only translate.
+
+Each handler validates the request against the proto rules, turns it into domain values,
+calls the engine (or the generator), and turns the result back into a response. Errors
+are domain exceptions; `interceptors.py` maps them to statuses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+import grpc
+
+from oo.scoring.v1 import scoring_pb2, scoring_pb2_grpc
+from oo_ml.contracts import CONTEXT_FEATURES, PROFILE_FEATURES
+from oo_ml.engine import Candidate, ScoreCommand, ScoringEngine, StatsReport
+from oo_ml.features import Assembled, Inputs
+from oo_ml.validation import validate
+
+if TYPE_CHECKING:
+    from oo_ml.generate.generator import Generation, Generator
+
+_CANDIDATES = scoring_pb2.ScoreRequest.DESCRIPTOR.fields_by_name["candidates"].full_name
+
+
+def inputs_of(context: scoring_pb2.Context, profile: scoring_pb2.ProfileFeatures) -> Inputs:
+    """The request's feature values; absent optional fields stay None."""
+    values: dict[str, float | None] = {}
+    # The feature names come from the descriptors, so they are not literals mypy can check.
+    for msg, contracts in ((context, CONTEXT_FEATURES), (profile, PROFILE_FEATURES)):
+        m: Any = msg
+        for c in contracts:
+            values[c.name] = float(getattr(m, c.name)) if m.HasField(c.name) else None
+    return Inputs(values=values, timezone=context.timezone)
+
+
+def feature_values(assembled: Assembled) -> list[scoring_pb2.FeatureValue]:
+    return [
+        scoring_pb2.FeatureValue(
+            name=name,
+            value=value,
+            origin=scoring_pb2.FeatureOrigin.Value(
+                f"FEATURE_ORIGIN_{assembled.origins[name].name}"
+            ),
+        )
+        for name, value in assembled.values.items()
+    ]
+
+
+def stats_response(r: StatsReport) -> scoring_pb2.StatsResponse:
+    return scoring_pb2.StatsResponse(
+        user_id=r.user_id,
+        policy=r.policy,
+        feature_version=r.feature_version,
+        decisions=r.decisions,
+        rewarded=r.rewarded,
+        reward_sum=r.reward_sum,
+        mean_reward=r.reward_sum / r.rewarded if r.rewarded else 0.0,
+        arms=[
+            scoring_pb2.ArmStats(
+                arm=a.arm,
+                pulls=a.pulls,
+                rewarded=a.rewarded,
+                reward_sum=a.reward_sum,
+                mean_reward=a.mean_reward,
+                estimate=a.estimate,
+            )
+            for a in r.arms
+        ],
+        prompt_versions=[
+            scoring_pb2.PromptVersionStats(
+                prompt_version=p.prompt_version,
+                served=p.served,
+                rewarded=p.rewarded,
+                reward_sum=p.reward_sum,
+                mean_reward=p.mean_reward,
+            )
+            for p in r.prompts
+        ],
+        shadows=[
+            scoring_pb2.ShadowStats(
+                policy=s.policy,
+                samples=s.samples,
+                ips=s.ips,
+                snips=s.snips,
+                dr=s.dr,
+                dr_ci_low=s.dr_ci_low,
+                dr_ci_high=s.dr_ci_high,
+                served_mean=s.served_mean,
+            )
+            for s in r.shadows
+        ],
+        features=feature_values(r.features),
+        users=r.users,
+        pending=r.pending,
+    )
+
+
+def generate_response(g: Generation) -> scoring_pb2.GenerateResponse:
+    return scoring_pb2.GenerateResponse(
+        text=g.text,
+        prompt_version=g.prompt_version,
+        model=g.model,
+        fallback=g.fallback,
+        fallback_reason=g.fallback_reason,
+        latency_ms=g.latency_ms,
+        usage=scoring_pb2.TokenUsage(
+            prompt_tokens=g.prompt_tokens,
+            completion_tokens=g.completion_tokens,
+            total_tokens=g.total_tokens,
+        ),
+        generation_id=g.generation_id,
+    )
+
+
+class ScoringService(scoring_pb2_grpc.ScoringServiceServicer):
+    def __init__(
+        self, engine: ScoringEngine, generator: Generator | None, max_candidates: int
+    ) -> None:
+        self.engine = engine
+        self.generator = generator
+        self._limits = {_CANDIDATES: max_candidates}
+
+    async def Score(
+        self, request: scoring_pb2.ScoreRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> scoring_pb2.ScoreResponse:
+        validate(request, self._limits)
+        cmd = ScoreCommand(
+            user_id=request.user_id,
+            candidates=tuple(
+                Candidate(c.tip_id, c.arm or c.tip_id, c.generation_id, c.prompt_version)
+                for c in request.candidates
+            ),
+            inputs=inputs_of(request.context, request.profile_features),
+            policy=request.policy,
+        )
+        result = await self.engine.score(cmd)
+        record = result.record
+        return scoring_pb2.ScoreResponse(
+            decision_id=record.decision_id,
+            chosen_tip_id=record.chosen.tip_id,
+            ranking=[
+                scoring_pb2.ScoredCandidate(
+                    tip_id=c.tip_id, arm=c.arm, score=c.score, propensity=c.propensity
+                )
+                for c in result.ranking()
+            ],
+            policy=record.policy,
+            explored=record.explored,
+            feature_version=record.feature_version,
+            features=feature_values(result.features),
+        )
+
+    async def Reward(
+        self, request: scoring_pb2.RewardRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> scoring_pb2.RewardResponse:
+        validate(request)
+        result = await self.engine.reward(request.decision_id, request.reward)
+        return scoring_pb2.RewardResponse(
+            applied=result.applied, policy=result.policy, arm=result.arm
+        )
+
+    async def Stats(
+        self, request: scoring_pb2.StatsRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> scoring_pb2.StatsResponse:
+        validate(request)
+        return stats_response(await self.engine.stats(request.user_id, request.policy))
+
+    async def Reset(
+        self, request: scoring_pb2.ResetRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> scoring_pb2.ResetResponse:
+        validate(request)
+        states, decisions = await self.engine.reset(request.user_id)
+        return scoring_pb2.ResetResponse(states_cleared=states, decisions_cleared=decisions)
+
+    async def _generation_inputs(
+        self, request: scoring_pb2.GenerateRequest | scoring_pb2.GenerateStreamRequest
+    ) -> tuple[str, Assembled]:
+        assert self.generator is not None
+        validate(request)
+        version = self.generator.resolve_version(request.user_id, request.prompt_version)
+        features = await self.engine.assemble(
+            request.user_id, inputs_of(request.context, request.profile_features)
+        )
+        return version, features
+
+    async def Generate(
+        self,
+        request: scoring_pb2.GenerateRequest,
+        context: grpc.aio.ServicerContext[object, object],
+    ) -> scoring_pb2.GenerateResponse:
+        if self.generator is None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Generate is not configured")
+        assert self.generator is not None
+        version, features = await self._generation_inputs(request)
+        generation = await self.generator.generate(request.user_id, features, version)
+        return generate_response(generation)
+
+    async def GenerateStream(
+        self,
+        request: scoring_pb2.GenerateStreamRequest,
+        context: grpc.aio.ServicerContext[object, object],
+    ) -> AsyncIterator[scoring_pb2.GenerateStreamResponse]:
+        if self.generator is None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Generate is not configured")
+        assert self.generator is not None
+        version, features = await self._generation_inputs(request)
+        async for item in self.generator.stream(request.user_id, features, version):
+            if isinstance(item, str):
+                yield scoring_pb2.GenerateStreamResponse(delta=item)
+            else:
+                yield scoring_pb2.GenerateStreamResponse(result=generate_response(item))

@@ -1,0 +1,122 @@
+"""Learned state as plain domain values: per-arm ridge models and their counters.
+
+A `PolicyState` is one user's (or the population prior's) state under one policy. It is
+treated as a value: updates return a new state and leave the old one untouched, so a
+failed compare-and-set never leaves a half-applied model in memory. Persisted form:
+`oo.state.v1.PolicyState`, converted by `state_codec`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from oo_ml.features import Vector
+
+Matrix = np.ndarray  # (D, D) float64
+
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True, slots=True)
+class ArmModel:
+    """Ridge regression of reward on x for one arm, with A^-1 kept by Sherman-Morrison."""
+
+    a_inv: Matrix
+    b: Vector
+    pulls: int = 0
+    rewarded: int = 0
+    reward_sum: float = 0.0
+
+    @staticmethod
+    def fresh(dim: int, ridge_lambda: float, prior_theta: Vector | None = None) -> ArmModel:
+        # A = lambda*I and b = lambda*theta0 make the ridge estimate shrink toward the
+        # population's theta0 instead of toward zero: theta = (lambda*I + X'X)^-1 (lambda*theta0 + X'r).
+        b = (
+            np.zeros(dim)
+            if prior_theta is None
+            else ridge_lambda * np.asarray(prior_theta, dtype=np.float64)
+        )
+        return ArmModel(a_inv=np.eye(dim) / ridge_lambda, b=b)
+
+    @property
+    def theta(self) -> Vector:
+        return np.asarray(self.a_inv @ self.b, dtype=np.float64)
+
+    def learn(self, x: Vector, reward: float) -> ArmModel:
+        """A += x x', b += r x, with A^-1 updated in O(D^2) (Sherman-Morrison)."""
+        ax = self.a_inv @ x
+        a_inv = self.a_inv - np.outer(ax, ax) / (1.0 + float(x @ ax))
+        return replace(
+            self,
+            a_inv=a_inv,
+            b=self.b + reward * x,
+            rewarded=self.rewarded + 1,
+            reward_sum=self.reward_sum + reward,
+        )
+
+    def pulled(self) -> ArmModel:
+        return replace(self, pulls=self.pulls + 1)
+
+    def padded(self, dim: int, ridge_lambda: float) -> ArmModel:
+        """Grow D without losing what was learned: A -> blockdiag(A, lambda*I), b -> [b, 0]."""
+        d = self.b.shape[0]
+        if d == dim:
+            return self
+        a_inv = np.zeros((dim, dim))
+        a_inv[:d, :d] = self.a_inv
+        a_inv[d:, d:] = np.eye(dim - d) / ridge_lambda
+        return replace(self, a_inv=a_inv, b=np.concatenate([self.b, np.zeros(dim - d)]))
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyState:
+    policy: str
+    feature_version: str
+    dim: int
+    ridge_lambda: float
+    decisions: int = 0
+    rewards: int = 0
+    arms: dict[str, ArmModel] = field(default_factory=dict)
+
+    def with_arms(self, arms: list[str], prior: PolicyState | None = None) -> PolicyState:
+        """Add the arms this state has not seen, each starting from the population prior."""
+        missing = [a for a in arms if a not in self.arms]
+        if not missing:
+            return self
+        new = dict(self.arms)
+        for a in missing:
+            theta0 = None
+            if prior is not None and a in prior.arms and prior.dim == self.dim:
+                theta0 = prior.arms[a].theta
+            new[a] = ArmModel.fresh(self.dim, self.ridge_lambda, theta0)
+        return replace(self, arms=new)
+
+    def chose(self, arm: str) -> PolicyState:
+        arms = dict(self.arms)
+        arms[arm] = arms[arm].pulled()
+        return replace(self, arms=arms, decisions=self.decisions + 1)
+
+    def learned(self, arm: str, x: Vector, reward: float) -> PolicyState:
+        arms = dict(self.arms)
+        model = arms.get(arm) or ArmModel.fresh(self.dim, self.ridge_lambda)
+        arms[arm] = model.learn(x, reward)
+        return replace(self, arms=arms, rewards=self.rewards + 1)
+
+    def migrated(self, feature_version: str, dim: int) -> PolicyState:
+        """The same state under a larger feature version, learned dimensions kept."""
+        if dim < self.dim:
+            raise ValueError(f"cannot shrink state from D={self.dim} to D={dim}")
+        return replace(
+            self,
+            feature_version=feature_version,
+            dim=dim,
+            arms={a: m.padded(dim, self.ridge_lambda) for a, m in self.arms.items()},
+        )
+
+
+def empty_state(policy: str, feature_version: str, dim: int, ridge_lambda: float) -> PolicyState:
+    return PolicyState(
+        policy=policy, feature_version=feature_version, dim=dim, ridge_lambda=ridge_lambda
+    )
