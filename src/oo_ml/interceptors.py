@@ -17,7 +17,7 @@ import asyncio
 import hmac
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from google.rpc import code_pb2, error_details_pb2, status_pb2
@@ -64,8 +64,9 @@ def status_of(err: OoError) -> tuple[grpc.StatusCode, str, tuple[tuple[str, byte
     return code, message, (("grpc-status-details-bin", status.SerializeToString()),)
 
 
-Context = grpc.aio.ServicerContext[Any, Any]
-Handler = grpc.RpcMethodHandler[Any, Any]
+if TYPE_CHECKING:
+    Context = grpc.aio.ServicerContext[Any, Any]
+    Handler = grpc.RpcMethodHandler[Any, Any]
 
 
 class EdgeInterceptor(grpc.aio.ServerInterceptor):

@@ -51,7 +51,7 @@ class App:
     port: int = 0
     engine: ScoringEngine | None = None
     store: SqliteStore | None = None
-    health: health.HealthServicer = field(default_factory=lambda: health.HealthServicer())
+    health: health.aio.HealthServicer = field(default_factory=health.aio.HealthServicer)
     _server: grpc.aio.Server | None = None
     _stop_bg: asyncio.Event = field(default_factory=asyncio.Event)
     _bg: asyncio.Task[None] | None = None

@@ -120,7 +120,8 @@ def violations(
             elif not contract.in_range(value):
                 out.append(
                     FieldViolation(
-                        path, f"must be in [{_num(contract.min)}, {_num(contract.max)}] (got {value})"
+                        path,
+                        f"must be in [{_num(contract.min)}, {_num(contract.max)}] (got {value})",
                     )
                 )
     return out

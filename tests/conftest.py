@@ -1,0 +1,72 @@
+"""Shared fixtures: a real oo-ml server on a loopback port 0, backed by a real SQLite file."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+
+from oo.scoring.v1 import scoring_pb2_grpc
+from oo_ml import config as config_mod
+from oo_ml.server import App
+
+
+@dataclass
+class Running:
+    app: App
+    channel: grpc.aio.Channel
+    stub: scoring_pb2_grpc.ScoringServiceStub
+    data_dir: Path
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.app.port}"
+
+
+ServerFactory = Callable[..., Awaitable[Running]]
+
+
+@pytest.fixture
+async def server_factory(tmp_path: Path) -> AsyncIterator[ServerFactory]:
+    """Start in-process servers with extra OO_* settings; all are stopped at teardown."""
+    started: list[Running] = []
+
+    async def start(env: dict[str, str] | None = None, data_dir: Path | None = None) -> Running:
+        d = data_dir or tmp_path / f"data{len(started)}"
+        settings = {"OO_HOST": "127.0.0.1", "OO_PORT": "0", "OO_DATA_DIR": str(d), "OO_INGEST": "0"}
+        settings.update(env or {})
+        app = App(config_mod.load(env=settings))
+        await app.start()
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{app.port}")
+        running = Running(app, channel, scoring_pb2_grpc.ScoringServiceStub(channel), d)
+        started.append(running)
+        return running
+
+    yield start
+    for r in reversed(started):
+        await r.channel.close()
+        await r.app.stop()
+
+
+@pytest.fixture
+async def server(server_factory: ServerFactory) -> Running:
+    return await server_factory()
+
+
+def oo_ml_bin() -> str:
+    """The `oo-ml` console script of this environment."""
+    import sys
+
+    path = Path(sys.executable).parent / "oo-ml"
+    assert path.exists(), f"{path} missing: run `make install`"
+    return str(path)
+
+
+@pytest.fixture
+def clean_env() -> dict[str, str]:
+    """The environment for server subprocesses, without any OO_* leaking in."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("OO_")}
