@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from oo_ml import config as config_mod
+from oo_ml.errors import OoError
 
 
 def _serve(ns: argparse.Namespace) -> int:
@@ -23,7 +24,11 @@ def _serve(ns: argparse.Namespace) -> int:
         from dataclasses import replace
 
         cfg = replace(cfg, ingest=replace(cfg.ingest, enabled=False))
-    asyncio.run(serve(cfg))
+    try:
+        asyncio.run(serve(cfg))
+    except OoError as e:  # e.g. an unknown default or shadow policy
+        print(f"oo-ml: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -55,8 +60,14 @@ def parser() -> argparse.ArgumentParser:
     serve = sub.add_parser(
         "serve",
         help="run the gRPC server",
-        description="Run the gRPC scoring server. Every setting can also come from its OO_*"
-        " variable (`oo-ml config` lists them all); a flag wins over the environment.",
+        description="Run the gRPC scoring server. Every setting comes from its variable, or"
+        " from its flag where it has one; a flag wins over the environment.",
+        epilog="environment:\n"
+        + "\n".join(
+            f"  {env:<24} {help_} (default: {default})"
+            for env, _flag, default, help_ in config_mod.describe()
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     config_mod.add_flags(serve)
     serve.add_argument(

@@ -122,11 +122,6 @@ class ScoringConfig:
     prior_refresh_s: float = setting(
         30.0, "OO_PRIOR_REFRESH_S", "How often the population prior is recomputed."
     )
-    prior_weight: float = setting(
-        0.2,
-        "OO_PRIOR_WEIGHT",
-        "How many pseudo-observations per arm the population prior is worth, as a share of the population's evidence (capped).",
-    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -233,7 +228,7 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
                 flag,
                 dest=f.name,
                 default=None,
-                help=f"{f.metadata['help']} Env {f.metadata['env']}; default {f.default!s}.",
+                help=f"{f.metadata['help']} Env {f.metadata['env']}; default {_show(f.default)}.",
             )
 
 
@@ -268,6 +263,14 @@ def load(env: Mapping[str, str] | None = None, flags: argparse.Namespace | None 
 def describe() -> list[tuple[str, str, str, str]]:
     """(env, flag, default, help) for every setting, for `oo-ml config` and the README."""
     return [
-        (f.metadata["env"], f.metadata["flag"] or "", str(f.default), f.metadata["help"])
+        (f.metadata["env"], f.metadata["flag"] or "", _show(f.default), f.metadata["help"])
         for _s, _c, f in _leaves()
     ]
+
+
+def _show(default: Any) -> str:
+    if default is None:
+        return "unset"
+    if isinstance(default, tuple):
+        return ",".join(default) or "empty"
+    return str(default)

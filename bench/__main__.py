@@ -1,0 +1,21 @@
+"""Run every benchmark part: `python -m bench [score|ingest|codec ...]`."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+PARTS = {"score": "bench.score", "ingest": "bench.ingest", "codec": "bench.codec_compare"}
+
+
+def main() -> None:
+    wanted = sys.argv[1:] or ["score", "ingest", "codec"]
+    for name in wanted:
+        module = importlib.import_module(PARTS[name])
+        print(f"\n=== {name} ===", flush=True)
+        sys.argv = [module.__name__]
+        module.main()
+
+
+if __name__ == "__main__":
+    main()
