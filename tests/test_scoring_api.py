@@ -325,3 +325,16 @@ async def test_shadow_policies_learn_and_get_off_policy_estimates(
     shadow_stats = await srv.stub.Stats(pb.StatsRequest(user_id="u1", policy="egreedy-v2"))
     assert shadow_stats.decisions == 0
     assert any(abs(a.estimate) > 1e-6 for a in shadow_stats.arms)
+
+
+async def test_shutdown_turns_health_not_serving_before_the_server_goes(
+    server_factory: ServerFactory,
+) -> None:
+    srv = await server_factory({"OO_SHUTDOWN_GRACE_S": "1"})
+    health = health_pb2_grpc.HealthStub(srv.channel)
+    watch = health.Watch(health_pb2.HealthCheckRequest(service="oo.scoring.v1.ScoringService"))
+    assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
+    stopping = asyncio.create_task(srv.app.stop())
+    assert (await watch.read()).status == health_pb2.HealthCheckResponse.NOT_SERVING
+    watch.cancel()
+    await stopping

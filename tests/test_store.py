@@ -1,0 +1,108 @@
+"""The storage ports: compare-and-set semantics for both StateStores, and the SQLite store's
+atomic commits under group commit."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from oo_ml.decisions import RewardState
+from oo_ml.sqlite_store import SqliteStore
+from oo_ml.store import (
+    Conflict,
+    InsertDecision,
+    MarkRewarded,
+    MemoryStateStore,
+    PutState,
+    StateStore,
+)
+
+
+@pytest.fixture
+async def sqlite_store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
+    store = SqliteStore.open(tmp_path / "s.db")
+    yield store
+    await store.close()
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+async def state_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[StateStore]:
+    if request.param == "memory":
+        yield MemoryStateStore()
+        return
+    store = SqliteStore.open(tmp_path / "cas.db")
+    yield store
+    await store.close()
+
+
+async def test_compare_and_set_on_revision(state_store: StateStore) -> None:
+    assert await state_store.get("u", "p") is None
+    assert await state_store.compare_and_set("u", "p", 0, b"one") == 1
+    assert await state_store.compare_and_set("u", "p", 0, b"again") is None  # exists already
+    assert await state_store.compare_and_set("u", "p", 1, b"two") == 2
+    assert await state_store.compare_and_set("u", "p", 1, b"stale") is None
+    got = await state_store.get("u", "p")
+    assert got is not None and (got.revision, got.data) == (2, b"two")
+
+
+async def test_concurrent_cas_lets_exactly_one_writer_win(state_store: StateStore) -> None:
+    await state_store.compare_and_set("u", "p", 0, b"base")
+    wins = await asyncio.gather(
+        *(state_store.compare_and_set("u", "p", 1, bytes([i])) for i in range(20))
+    )
+    assert sum(w is not None for w in wins) == 1
+
+
+def decision(i: int) -> InsertDecision:
+    return InsertDecision(f"d{i}", "u", "p", 100.0 + i, "arm", "", b"x")
+
+
+async def test_a_failed_condition_applies_nothing_of_its_commit(sqlite_store: SqliteStore) -> None:
+    await sqlite_store.commit([decision(1), PutState("u", "p", 0, b"s1")])
+    await sqlite_store.commit(
+        [MarkRewarded("d1", 1.0, 200.0, "explicit"), PutState("u", "p", 1, b"s2")]
+    )
+    with pytest.raises(Conflict):
+        # The decision is rewarded already: the state write in the same commit must not land.
+        await sqlite_store.commit(
+            [PutState("u", "p", 2, b"s3"), MarkRewarded("d1", 0.0, 300.0, "explicit")]
+        )
+    got = await sqlite_store.get("u", "p")
+    assert got is not None and got.data == b"s2"
+    stored = await sqlite_store.get_decision("d1")
+    assert stored is not None and stored.reward == RewardState(1.0, 200.0, "explicit")
+
+
+async def test_one_failing_operation_does_not_fail_its_batch(sqlite_store: SqliteStore) -> None:
+    def boom(conn: sqlite3.Connection) -> None:
+        conn.execute(
+            "INSERT INTO state (user_id, policy, revision, data, updated_at) VALUES ('x','p',1,x'00',0)"
+        )
+        raise RuntimeError("boom")
+
+    results = await asyncio.gather(
+        *(sqlite_store.commit([decision(i)]) for i in range(50)),
+        sqlite_store.db.run(boom),
+        return_exceptions=True,
+    )
+    assert isinstance(results[-1], RuntimeError)
+    assert all(not isinstance(r, BaseException) for r in results[:-1])
+    assert await sqlite_store.get("x", "p") is None  # the failed operation's write was rolled back
+    assert len(await sqlite_store.pending_before(1e9, 100)) == 50
+
+
+async def test_writes_survive_reopening(tmp_path: Path) -> None:
+    store = SqliteStore.open(tmp_path / "r.db")
+    await store.commit([decision(1), PutState("u", "p", 0, b"s")])
+    await store.close()
+    await store.close()  # idempotent
+    again = SqliteStore.open(tmp_path / "r.db")
+    try:
+        assert (await again.get("u", "p")) is not None
+        assert (await again.get_decision("d1")) is not None
+    finally:
+        await again.close()
