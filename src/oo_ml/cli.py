@@ -26,7 +26,7 @@ def _serve(ns: argparse.Namespace) -> int:
         cfg = replace(cfg, ingest=replace(cfg.ingest, enabled=False))
     try:
         asyncio.run(serve(cfg))
-    except OoError as e:  # e.g. an unknown default or shadow policy
+    except (OoError, ValueError) as e:  # e.g. an unknown default policy or prompt version
         print(f"oo-ml: {e}", file=sys.stderr)
         return 2
     return 0
@@ -43,7 +43,7 @@ def _config(ns: argparse.Namespace) -> int:
 def _prompts(ns: argparse.Namespace) -> int:
     from oo_ml.generate.prompts import list_prompts
 
-    rows = list_prompts()
+    rows = list_prompts(config_mod.load().llm)
     print(f"{'version':<10} {'model':<28} {'temp':>5} {'max_tok':>8}  description")
     for r in rows:
         print(

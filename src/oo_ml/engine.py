@@ -43,6 +43,7 @@ from oo_ml.state_codec import decode_decision, decode_state, encode_decision, en
 from oo_ml.store import (
     AddOffPolicy,
     Conflict,
+    GenerationRecord,
     InsertDecision,
     MarkRewarded,
     OffPolicyTotals,
@@ -57,6 +58,8 @@ log = logging.getLogger(__name__)
 _CAS_ATTEMPTS = 8
 _PRIOR_SAMPLE = 5000
 _SWEEP_BATCH = 500
+# The prompt-version bucket of curated fallback tips.
+FALLBACK_BUCKET = "fallback"
 
 
 def rng_for(decision_id: str, salt: str = "") -> np.random.Generator:
@@ -238,7 +241,8 @@ class ScoringEngine:
         assembled = await self.assemble(cmd.user_id, cmd.inputs)
         now = assembled.now
         x = FEATURE_VERSIONS[policy.feature_version].vectorise(assembled)
-        arms = [c.arm for c in cmd.candidates]
+        candidates = await self._attributed(cmd.candidates)
+        arms = [c.arm for c in candidates]
         decision_id = uuid.uuid4().hex
         async with self._user_lock(cmd.user_id):
             for _ in range(_CAS_ATTEMPTS):
@@ -260,7 +264,7 @@ class ScoringEngine:
                             c.generation_id,
                             c.prompt_version,
                         )
-                        for i, c in enumerate(cmd.candidates)
+                        for i, c in enumerate(candidates)
                     ),
                     chosen_index=sel.chosen,
                     explored=sel.explored,
@@ -294,6 +298,26 @@ class ScoringEngine:
         if shadows:
             self._spawn(self._score_shadows(record, assembled, shadows))
         return ScoreResult(record=record, features=assembled)
+
+    async def _attributed(self, candidates: tuple[Candidate, ...]) -> tuple[Candidate, ...]:
+        """Give generated candidates the prompt version the server logged for them: the
+        server's record beats the client's label, and curated fallbacks get their own
+        bucket so they do not blur the comparison of prompt variants."""
+        ids = [c.generation_id for c in candidates if c.generation_id]
+        if not ids:
+            return candidates
+        known = await self.store.generations(ids)
+
+        def attributed(c: Candidate) -> Candidate:
+            g = known.get(c.generation_id)
+            if g is None:
+                return c
+            return replace(c, prompt_version=FALLBACK_BUCKET if g.fallback else g.prompt_version)
+
+        return tuple(attributed(c) for c in candidates)
+
+    async def record_generation(self, record: GenerationRecord) -> None:
+        await self.store.record_generation(record)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coro)

@@ -27,6 +27,8 @@ from oo.scoring.v1 import scoring_pb2, scoring_pb2_grpc
 from oo_ml.config import Config
 from oo_ml.engine import ScoringEngine
 from oo_ml.features import FeatureStore, NoStoredFeatures, NoTasks, TaskSource
+from oo_ml.generate.generator import Generator
+from oo_ml.generate.prompts import check_config
 from oo_ml.interceptors import SERVICE, EdgeInterceptor
 from oo_ml.service import ScoringService
 from oo_ml.sqlite_store import SqliteStore
@@ -116,12 +118,13 @@ class App:
             return None
         return Ingest(self.config, self.store, self.health)
 
-    def _make_generator(self, tasks: TaskSource) -> Any:
-        try:
-            from oo_ml.generate.generator import Generator
-        except ImportError:
-            return None
-        return Generator(self.config.llm, tasks)
+    def _make_generator(self, tasks: TaskSource) -> Generator:
+        check_config(self.config.llm)  # an unknown DEFAULT_PROMPT_VERSION fails at start
+        generator = Generator(self.config.llm, tasks)
+        # Imports LiteLLM on a thread when a model is configured, so the first Generate
+        # does not pay for it and Score never does.
+        generator.warm()
+        return generator
 
     async def stop(self) -> None:
         if self._stopped:

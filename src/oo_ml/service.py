@@ -7,8 +7,9 @@ are domain exceptions; `interceptors.py` maps them to statuses.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import grpc
 
@@ -16,10 +17,9 @@ from oo.scoring.v1 import scoring_pb2, scoring_pb2_grpc
 from oo_ml.contracts import CONTEXT_FEATURES, PROFILE_FEATURES
 from oo_ml.engine import Candidate, ScoreCommand, ScoringEngine, StatsReport
 from oo_ml.features import Assembled, Inputs
+from oo_ml.generate.generator import Generation, Generator
+from oo_ml.store import GenerationRecord
 from oo_ml.validation import validate
-
-if TYPE_CHECKING:
-    from oo_ml.generate.generator import Generation, Generator
 
 _CANDIDATES = scoring_pb2.ScoreRequest.DESCRIPTOR.fields_by_name["candidates"].full_name
 
@@ -115,9 +115,7 @@ def generate_response(g: Generation) -> scoring_pb2.GenerateResponse:
 
 
 class ScoringService(scoring_pb2_grpc.ScoringServiceServicer):
-    def __init__(
-        self, engine: ScoringEngine, generator: Generator | None, max_candidates: int
-    ) -> None:
+    def __init__(self, engine: ScoringEngine, generator: Generator, max_candidates: int) -> None:
         self.engine = engine
         self.generator = generator
         self._limits = {_CANDIDATES: max_candidates}
@@ -177,7 +175,6 @@ class ScoringService(scoring_pb2_grpc.ScoringServiceServicer):
     async def _generation_inputs(
         self, request: scoring_pb2.GenerateRequest | scoring_pb2.GenerateStreamRequest
     ) -> tuple[str, Assembled]:
-        assert self.generator is not None
         validate(request)
         version = self.generator.resolve_version(request.user_id, request.prompt_version)
         features = await self.engine.assemble(
@@ -185,16 +182,19 @@ class ScoringService(scoring_pb2_grpc.ScoringServiceServicer):
         )
         return version, features
 
+    async def _record(self, user_id: str, g: Generation, now: float) -> None:
+        await self.engine.record_generation(
+            GenerationRecord(g.generation_id, user_id, g.prompt_version, g.model, g.fallback, now)
+        )
+
     async def Generate(
         self,
         request: scoring_pb2.GenerateRequest,
         context: grpc.aio.ServicerContext[object, object],
     ) -> scoring_pb2.GenerateResponse:
-        if self.generator is None:
-            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Generate is not configured")
-        assert self.generator is not None
         version, features = await self._generation_inputs(request)
         generation = await self.generator.generate(request.user_id, features, version)
+        await self._record(request.user_id, generation, features.now)
         return generate_response(generation)
 
     async def GenerateStream(
@@ -202,12 +202,13 @@ class ScoringService(scoring_pb2_grpc.ScoringServiceServicer):
         request: scoring_pb2.GenerateStreamRequest,
         context: grpc.aio.ServicerContext[object, object],
     ) -> AsyncIterator[scoring_pb2.GenerateStreamResponse]:
-        if self.generator is None:
-            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Generate is not configured")
-        assert self.generator is not None
         version, features = await self._generation_inputs(request)
-        async for item in self.generator.stream(request.user_id, features, version):
-            if isinstance(item, str):
-                yield scoring_pb2.GenerateStreamResponse(delta=item)
-            else:
-                yield scoring_pb2.GenerateStreamResponse(result=generate_response(item))
+        # aclosing: a client that goes away frees the model slot at once.
+        stream = self.generator.stream(request.user_id, features, version)
+        async with contextlib.aclosing(stream) as items:
+            async for item in items:
+                if isinstance(item, str):
+                    yield scoring_pb2.GenerateStreamResponse(delta=item)
+                else:
+                    await self._record(request.user_id, item, features.now)
+                    yield scoring_pb2.GenerateStreamResponse(result=generate_response(item))

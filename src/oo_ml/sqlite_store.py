@@ -32,6 +32,7 @@ from oo_ml.store import (
     AddOffPolicy,
     ArmTotals,
     Conflict,
+    GenerationRecord,
     InsertDecision,
     MarkRewarded,
     OffPolicyTotals,
@@ -86,6 +87,16 @@ _MIGRATIONS: list[str] = [
         reward_sum REAL NOT NULL DEFAULT 0,
         PRIMARY KEY (served, shadow)
     ) WITHOUT ROWID;
+    """,
+    """
+    CREATE TABLE generations (
+        generation_id TEXT PRIMARY KEY,
+        user_id TEXT NOT NULL,
+        prompt_version TEXT NOT NULL,
+        model TEXT NOT NULL,
+        fallback INTEGER NOT NULL,
+        created_at REAL NOT NULL
+    );
     """,
 ]
 
@@ -389,6 +400,35 @@ class SqliteStore:
             return int(row[0])
 
         return await self.db.run(q)
+
+    async def record_generation(self, g: GenerationRecord) -> None:
+        def tx(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT OR IGNORE INTO generations (generation_id, user_id, prompt_version, model,"
+                " fallback, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    g.generation_id,
+                    g.user_id,
+                    g.prompt_version,
+                    g.model,
+                    int(g.fallback),
+                    g.created_at,
+                ),
+            )
+
+        await self.db.run(tx)
+
+    async def generations(self, ids: Sequence[str]) -> dict[str, GenerationRecord]:
+        def q(conn: sqlite3.Connection) -> dict[str, GenerationRecord]:
+            marks = ",".join("?" * len(ids))
+            rows = conn.execute(
+                "SELECT generation_id, user_id, prompt_version, model, fallback, created_at"
+                f" FROM generations WHERE generation_id IN ({marks})",
+                tuple(ids),
+            )
+            return {r[0]: GenerationRecord(r[0], r[1], r[2], r[3], bool(r[4]), r[5]) for r in rows}
+
+        return await self.db.run(q) if ids else {}
 
     async def close(self) -> None:
         await self.db.close()

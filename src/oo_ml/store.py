@@ -123,6 +123,18 @@ class OffPolicyTotals:
     reward_sum: float
 
 
+@dataclass(frozen=True, slots=True)
+class GenerationRecord:
+    """A tip Generate wrote, so a candidate naming it is attributed to its prompt version."""
+
+    generation_id: str
+    user_id: str
+    prompt_version: str
+    model: str
+    fallback: bool
+    created_at: float
+
+
 class StateStore(Protocol):
     async def get(self, user_id: str, policy: str) -> StoredState | None: ...
 
@@ -156,6 +168,10 @@ class Store(StateStore, Protocol):
     async def off_policy_totals(self, served: str) -> list[OffPolicyTotals]: ...
 
     async def pending_count(self, user_id: str, policy: str) -> int: ...
+
+    async def record_generation(self, g: GenerationRecord) -> None: ...
+
+    async def generations(self, ids: Sequence[str]) -> dict[str, GenerationRecord]: ...
 
     async def close(self) -> None: ...
 
