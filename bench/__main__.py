@@ -5,11 +5,16 @@ from __future__ import annotations
 import importlib
 import sys
 
-PARTS = {"score": "bench.score", "ingest": "bench.ingest", "codec": "bench.codec_compare"}
+PARTS = {
+    "score": "bench.score",
+    "generate": "bench.generate_isolation",
+    "ingest": "bench.ingest",
+    "codec": "bench.codec_compare",
+}
 
 
 def main() -> None:
-    wanted = sys.argv[1:] or ["score", "ingest", "codec"]
+    wanted = sys.argv[1:] or list(PARTS)
     for name in wanted:
         module = importlib.import_module(PARTS[name])
         print(f"\n=== {name} ===", flush=True)
