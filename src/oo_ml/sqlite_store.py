@@ -115,6 +115,7 @@ class SqliteDB:
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         self._queue: queue.Queue[_Op | None] = queue.Queue()
+        self._reads: queue.Queue[_Op | None] = queue.Queue()
         self._closed = False
         self._ready: Future[None] = Future()
         self._thread = threading.Thread(
@@ -125,6 +126,14 @@ class SqliteDB:
         )
         self._thread.start()
         self._ready.result()
+        # WAL lets a reader run beside the writer: reads never wait behind an fsync. An
+        # in-memory database is private to its connection, so there reads share the writer.
+        self._reader: threading.Thread | None = None
+        if self.path != ":memory:":
+            self._reader = threading.Thread(
+                target=self._read_main, name="oo-sqlite-read", daemon=True
+            )
+            self._reader.start()
 
     def _connect(self, migrations: list[str]) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
@@ -163,6 +172,19 @@ class SqliteDB:
                 self._run_batch(conn, batch)
                 if stop:
                     break
+        finally:
+            conn.close()
+
+    def _read_main(self) -> None:
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA query_only=ON")
+        conn.execute("PRAGMA busy_timeout=5000")
+        try:
+            while (op := self._reads.get()) is not None:
+                try:
+                    op.future.set_result(op.fn(conn))
+                except BaseException as e:
+                    op.future.set_exception(e)
         finally:
             conn.close()
 
@@ -206,13 +228,26 @@ class SqliteDB:
         self._queue.put(_Op(fn, fut))
         return await asyncio.wrap_future(fut)
 
+    async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run a read-only fn(conn) on the reader, which sees every committed write."""
+        if self._reader is None:
+            return await self.run(fn)
+        if self._closed:
+            raise TransientStoreError("store is closed")
+        fut: Future[T] = Future()
+        self._reads.put(_Op(fn, fut))
+        return await asyncio.wrap_future(fut)
+
     async def close(self) -> None:
         """Finish what is queued, then close. Idempotent."""
         if self._closed:
             return
         self._closed = True
         self._queue.put(None)
+        self._reads.put(None)
         await asyncio.to_thread(self._thread.join)
+        if self._reader is not None:
+            await asyncio.to_thread(self._reader.join)
 
 
 def _apply(conn: sqlite3.Connection, w: Write, revisions: dict[tuple[str, str], int]) -> None:
@@ -284,7 +319,7 @@ class SqliteStore:
             ).fetchone()
             return StoredState(row[0], row[1]) if row else None
 
-        return await self.db.run(q)
+        return await self.db.read(q)
 
     async def compare_and_set(
         self, user_id: str, policy: str, revision: int, data: bytes
@@ -312,7 +347,7 @@ class SqliteStore:
             ).fetchone()
             return StoredDecision(row[0], RewardState(row[1], row[2], row[3])) if row else None
 
-        return await self.db.run(q)
+        return await self.db.read(q)
 
     async def pending_before(self, cutoff: float, limit: int) -> list[str]:
         def q(conn: sqlite3.Connection) -> list[str]:
@@ -323,7 +358,7 @@ class SqliteStore:
             ).fetchall()
             return [r[0] for r in rows]
 
-        return await self.db.run(q)
+        return await self.db.read(q)
 
     async def reset_user(self, user_id: str) -> tuple[int, int]:
         def tx(conn: sqlite3.Connection) -> tuple[int, int]:
@@ -343,7 +378,7 @@ class SqliteStore:
             ).fetchall()
             return [r[0] for r in rows]
 
-        return await self.db.run(q)
+        return await self.db.read(q)
 
     async def policy_totals(self, policy: str) -> PolicyTotals:
         def q(conn: sqlite3.Connection) -> PolicyTotals:
@@ -361,7 +396,7 @@ class SqliteStore:
             ).fetchone()
             return PolicyTotals(arms=arms, users=users or 0, pending=pending or 0)
 
-        return await self.db.run(q)
+        return await self.db.read(q)
 
     async def prompt_totals(self, policy: str, user_id: str | None) -> list[PromptTotals]:
         def q(conn: sqlite3.Connection) -> list[PromptTotals]:
@@ -376,7 +411,7 @@ class SqliteStore:
             sql += " GROUP BY prompt_version ORDER BY prompt_version"
             return [PromptTotals(r[0], r[1], r[2], r[3]) for r in conn.execute(sql, args)]
 
-        return await self.db.run(q)
+        return await self.db.read(q)
 
     async def off_policy_totals(self, served: str) -> list[OffPolicyTotals]:
         def q(conn: sqlite3.Connection) -> list[OffPolicyTotals]:
@@ -389,7 +424,7 @@ class SqliteStore:
                 )
             ]
 
-        return await self.db.run(q)
+        return await self.db.read(q)
 
     async def pending_count(self, user_id: str, policy: str) -> int:
         def q(conn: sqlite3.Connection) -> int:
@@ -399,7 +434,7 @@ class SqliteStore:
             ).fetchone()
             return int(row[0])
 
-        return await self.db.run(q)
+        return await self.db.read(q)
 
     async def record_generation(self, g: GenerationRecord) -> None:
         def tx(conn: sqlite3.Connection) -> None:
@@ -428,7 +463,7 @@ class SqliteStore:
             )
             return {r[0]: GenerationRecord(r[0], r[1], r[2], r[3], bool(r[4]), r[5]) for r in rows}
 
-        return await self.db.run(q) if ids else {}
+        return await self.db.read(q) if ids else {}
 
     async def close(self) -> None:
         await self.db.close()
