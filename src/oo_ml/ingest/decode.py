@@ -1,0 +1,197 @@
+"""Decoding: message bytes and headers -> a validated domain `Event`. No proto goes further.
+
+An envelope is binary protobuf unless the header `Content-Type: application/json` says it
+is proto3 JSON. It must carry a known `schema_version` and pass `oo_ml.validation` (the
+same rules as the gRPC edge). Whatever fails here raises `BadEvent` with a reason, and the
+consumer dead-letters the message.
+
+A valid envelope whose payload this build does not know (the oneof unset, a field number
+added after this build, or a kind without a translator here) is `UnknownKind`: acked and
+counted, never dead-lettered, so producers can roll out a new event kind before every
+consumer knows it (ADR 0007). JSON is parsed with unknown fields ignored for the same
+reason.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from google.protobuf import json_format
+from google.protobuf.message import DecodeError
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from oo.events.v1 import envelope_pb2, signals_pb2
+from oo_ml.errors import InvalidArgument
+from oo_ml.validation import validate
+
+KNOWN_SCHEMA_VERSIONS = frozenset({"1"})
+JSON_CONTENT_TYPE = "application/json"
+
+
+class BadEvent(Exception):
+    """A message that can never be applied: its reason goes to the dead-letter copy."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class Action(enum.Enum):
+    COMPLETED = signals_pb2.TIP_ACTION_COMPLETED
+    DISMISSED = signals_pb2.TIP_ACTION_DISMISSED
+    SNOOZED = signals_pb2.TIP_ACTION_SNOOZED
+
+
+@dataclass(frozen=True, slots=True)
+class TipServed:
+    decision_id: str
+    tip_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class TipViewed:
+    decision_id: str
+    tip_id: str
+    dwell_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class TipFeedback:
+    decision_id: str
+    tip_id: str
+    action: Action
+    dwell_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Task:
+    task_id: str
+    title: str  # user data: stored for prompts, never logged
+    due_at: float | None
+    priority: int
+    completed: bool
+
+
+@dataclass(frozen=True, slots=True)
+class TaskSynced:
+    provider: str
+    tasks: tuple[Task, ...]
+
+
+class IntegrationChange(enum.Enum):
+    CONNECTED = "connected"
+    DISCONNECTED = "disconnected"
+    SYNC_FAILED = "sync_failed"
+
+
+@dataclass(frozen=True, slots=True)
+class Integration:
+    provider: str
+    change: IntegrationChange
+    detail: str  # account id, reason or error
+    attempt: int = 0
+    retryable: bool = False
+
+
+Payload = TipServed | TipViewed | TipFeedback | TaskSynced | Integration
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    event_id: str
+    user_id: str
+    occurred_at: float  # unix seconds, from the envelope
+    kind: str  # the envelope's payload field name
+    payload: Payload
+
+
+@dataclass(frozen=True, slots=True)
+class UnknownKind:
+    event_id: str
+    kind: str  # the payload field name, or "" when none this build knows is set
+
+
+def _seconds(ts: Timestamp) -> float:
+    return ts.seconds + ts.nanos / 1e9
+
+
+def _task(t: signals_pb2.Task) -> Task:
+    due = _seconds(t.due_time) if t.HasField("due_time") else None
+    return Task(t.id, t.title, due, t.priority, t.completed)
+
+
+# One translator per payload kind this build handles. Adding a kind = adding an entry here
+# and its effect in `profile_store`; a kind missing here is UnknownKind, not an error.
+_TRANSLATORS: dict[str, Callable[[Any], Payload]] = {
+    "tip_served": lambda m: TipServed(m.decision_id, m.tip_id),
+    "tip_viewed": lambda m: TipViewed(m.decision_id, m.tip_id, m.dwell_ms),
+    "tip_feedback": lambda m: TipFeedback(m.decision_id, m.tip_id, Action(m.action), m.dwell_ms),
+    "task_synced": lambda m: TaskSynced(m.provider, tuple(_task(t) for t in m.tasks)),
+    "integration_connected": lambda m: Integration(
+        m.provider, IntegrationChange.CONNECTED, m.account_id
+    ),
+    "integration_disconnected": lambda m: Integration(
+        m.provider, IntegrationChange.DISCONNECTED, m.reason
+    ),
+    "integration_sync_failed": lambda m: Integration(
+        m.provider, IntegrationChange.SYNC_FAILED, m.error, m.attempt, m.retryable
+    ),
+}
+
+# Keep the translators honest: every name must be a payload field of this build's Envelope.
+_PAYLOAD_FIELDS = {
+    f.name for f in envelope_pb2.Envelope.DESCRIPTOR.oneofs_by_name["payload"].fields
+}
+if not set(_TRANSLATORS) <= _PAYLOAD_FIELDS:
+    raise RuntimeError(f"translators for no Envelope field: {set(_TRANSLATORS) - _PAYLOAD_FIELDS}")
+
+
+def is_json(headers: Mapping[str, str] | None) -> bool:
+    if not headers:
+        return False
+    for key, value in headers.items():
+        if key.lower() == "content-type":
+            return value.split(";", 1)[0].strip().lower() == JSON_CONTENT_TYPE
+    return False
+
+
+def parse(data: bytes, headers: Mapping[str, str] | None) -> envelope_pb2.Envelope:
+    """The envelope in data, binary or proto3 JSON by header; BadEvent if unparseable."""
+    env = envelope_pb2.Envelope()
+    if is_json(headers):
+        try:
+            json_format.Parse(data.decode("utf-8"), env, ignore_unknown_fields=True)
+        except (json_format.ParseError, UnicodeDecodeError, RecursionError) as e:
+            raise BadEvent(f"unparseable JSON envelope: {e}") from None
+        return env
+    try:
+        env.ParseFromString(data)
+    except DecodeError as e:
+        raise BadEvent(f"unparseable protobuf envelope: {e}") from None
+    return env
+
+
+def decode(data: bytes, headers: Mapping[str, str] | None = None) -> Event | UnknownKind:
+    """Parse, check the schema version, validate, translate. Raises BadEvent."""
+    env = parse(data, headers)
+    if env.schema_version not in KNOWN_SCHEMA_VERSIONS:
+        known = ", ".join(sorted(KNOWN_SCHEMA_VERSIONS))
+        raise BadEvent(f"unknown schema_version {env.schema_version[:32]!r} (known: {known})")
+    try:
+        validate(env)
+    except InvalidArgument as e:
+        raise BadEvent(f"invalid envelope: {e}") from None
+    kind = env.WhichOneof("payload") or ""
+    translate = _TRANSLATORS.get(kind)
+    if translate is None:
+        return UnknownKind(env.event_id, kind)
+    return Event(
+        event_id=env.event_id,
+        user_id=env.user_id,
+        occurred_at=_seconds(env.occurred_at),
+        kind=kind,
+        payload=translate(getattr(env, kind)),
+    )

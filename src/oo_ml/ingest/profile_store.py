@@ -1,0 +1,364 @@
+"""The ingest's SQLite tables, and the FeatureStore and TaskSource the engine reads from them.
+
+Tables (in the engine's SQLite file, written through `SqliteDB.run` by `profile_writes`,
+so each batch of events lands in one durable transaction):
+
+    ingest_applied          event_id -> applied_at: the dedupe table, pruned past the window
+    ingest_served           decision_id of each TipServed counted, so a decision served once
+                            counts once even if two producers report it
+    ingest_daily            per user, per UTC day: served, feedback by action, views, dwell
+                            sum, and the time of the last contributing event of each
+    ingest_completed_hours  per user, per UTC day, per hour: completed tips
+    ingest_task_syncs       per user and provider: time of the snapshot in force
+    ingest_tasks            the snapshot's tasks
+    ingest_integration_events / ingest_integrations   the integration log and current state
+
+Profile features are sums over the 30 daily buckets ending today (UTC), so they move
+incrementally as events arrive and as days leave the window, without rescanning events.
+A feature with no data in the window is left out, so the contract's fallback applies; a
+present feature's `updated_at` is the time of its last contributing event, so the
+contract's TTL applies too. Hours are UTC: no event carries the user's time zone yet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TypeVar
+
+from oo_ml.contracts import ALL_FEATURES
+from oo_ml.features import StoredValue, TaskView
+from oo_ml.ingest.decode import Event
+from oo_ml.ingest.profile_writes import DAY_S, applied_among, day_of, plan_batch, record_events
+from oo_ml.sqlite_store import SqliteDB
+
+T = TypeVar("T")
+
+WINDOW_DAYS = 30
+
+OPEN_TASKS = "open_tasks"
+OVERDUE_TASKS = "overdue_tasks"
+COMPLETION_RATE = "completion_rate_30d"
+DISMISS_RATE = "dismiss_rate_30d"
+MEAN_DWELL = "mean_dwell_ms_30d"
+PREFERRED_HOUR = "preferred_hour"
+TIP_VOLUME = "tip_volume_30d"
+_NAMES = {
+    OPEN_TASKS,
+    OVERDUE_TASKS,
+    COMPLETION_RATE,
+    DISMISS_RATE,
+    MEAN_DWELL,
+    PREFERRED_HOUR,
+    TIP_VOLUME,
+}
+# The names are the proto contracts'; fail at import if a contract is renamed.
+if not ALL_FEATURES.keys() >= _NAMES:
+    raise RuntimeError(f"features without a contract: {_NAMES - ALL_FEATURES.keys()}")
+
+# Each entry moves the ingest schema from version i to i + 1. Append only.
+_MIGRATIONS: list[str] = [
+    """
+    CREATE TABLE ingest_applied (
+        event_id TEXT PRIMARY KEY,
+        applied_at REAL NOT NULL,
+        kind TEXT NOT NULL
+    ) WITHOUT ROWID;
+    CREATE INDEX ingest_applied_at ON ingest_applied (applied_at);
+    CREATE TABLE ingest_served (
+        decision_id TEXT PRIMARY KEY,
+        user_id TEXT NOT NULL,
+        recorded_at REAL NOT NULL
+    ) WITHOUT ROWID;
+    CREATE INDEX ingest_served_at ON ingest_served (recorded_at);
+    CREATE TABLE ingest_daily (
+        user_id TEXT NOT NULL,
+        day INTEGER NOT NULL,
+        served INTEGER NOT NULL DEFAULT 0,
+        last_served_at REAL NOT NULL DEFAULT 0,
+        feedback INTEGER NOT NULL DEFAULT 0,
+        completed INTEGER NOT NULL DEFAULT 0,
+        dismissed INTEGER NOT NULL DEFAULT 0,
+        snoozed INTEGER NOT NULL DEFAULT 0,
+        last_feedback_at REAL NOT NULL DEFAULT 0,
+        last_completed_at REAL NOT NULL DEFAULT 0,
+        views INTEGER NOT NULL DEFAULT 0,
+        dwell_ms_sum REAL NOT NULL DEFAULT 0,
+        last_view_at REAL NOT NULL DEFAULT 0,
+        PRIMARY KEY (user_id, day)
+    ) WITHOUT ROWID;
+    CREATE TABLE ingest_completed_hours (
+        user_id TEXT NOT NULL,
+        day INTEGER NOT NULL,
+        hour INTEGER NOT NULL,
+        n INTEGER NOT NULL,
+        PRIMARY KEY (user_id, day, hour)
+    ) WITHOUT ROWID;
+    CREATE TABLE ingest_task_syncs (
+        user_id TEXT NOT NULL,
+        provider TEXT NOT NULL,
+        synced_at REAL NOT NULL,
+        PRIMARY KEY (user_id, provider)
+    ) WITHOUT ROWID;
+    CREATE TABLE ingest_tasks (
+        user_id TEXT NOT NULL,
+        provider TEXT NOT NULL,
+        task_id TEXT NOT NULL,
+        title TEXT NOT NULL,
+        due_at REAL,
+        priority INTEGER NOT NULL,
+        completed INTEGER NOT NULL,
+        PRIMARY KEY (user_id, provider, task_id)
+    ) WITHOUT ROWID;
+    CREATE TABLE ingest_integration_events (
+        event_id TEXT PRIMARY KEY,
+        user_id TEXT NOT NULL,
+        provider TEXT NOT NULL,
+        change TEXT NOT NULL,
+        occurred_at REAL NOT NULL,
+        detail TEXT NOT NULL,
+        attempt INTEGER NOT NULL,
+        retryable INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    CREATE INDEX ingest_integration_events_at ON ingest_integration_events (occurred_at);
+    CREATE TABLE ingest_integrations (
+        user_id TEXT NOT NULL,
+        provider TEXT NOT NULL,
+        status TEXT NOT NULL,
+        updated_at REAL NOT NULL,
+        detail TEXT NOT NULL,
+        failures INTEGER NOT NULL,
+        PRIMARY KEY (user_id, provider)
+    ) WITHOUT ROWID;
+    """,
+]
+
+
+def _migrate(conn: sqlite3.Connection) -> int:
+    conn.execute(
+        "CREATE TABLE IF NOT EXISTS ingest_meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL)"
+    )
+    row = conn.execute("SELECT value FROM ingest_meta WHERE key = 'schema_version'").fetchone()
+    version = int(row[0]) if row else 0
+    for script in _MIGRATIONS[version:]:
+        # executescript would COMMIT the writer's shared transaction; run statement by statement.
+        for statement in script.split(";"):
+            if statement.strip():
+                conn.execute(statement)
+    conn.execute(
+        "INSERT INTO ingest_meta (key, value) VALUES ('schema_version', ?)"
+        " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        (len(_MIGRATIONS),),
+    )
+    return len(_MIGRATIONS)
+
+
+def _stored_features(conn: sqlite3.Connection, user_id: str, now: float) -> dict[str, StoredValue]:
+    today = day_of(now)
+    first = today - WINDOW_DAYS + 1
+    out: dict[str, StoredValue] = {}
+    (
+        served,
+        last_served,
+        feedback,
+        completed,
+        dismissed,
+        last_feedback,
+        views,
+        dwell_sum,
+        last_view,
+    ) = conn.execute(
+        "SELECT total(served), max(last_served_at), total(feedback), total(completed),"
+        " total(dismissed), max(last_feedback_at), total(views), total(dwell_ms_sum),"
+        " max(last_view_at) FROM ingest_daily WHERE user_id = ? AND day BETWEEN ? AND ?",
+        (user_id, first, today),
+    ).fetchone()
+    if served > 0:
+        out[TIP_VOLUME] = StoredValue(served, last_served)
+    if feedback > 0:
+        out[COMPLETION_RATE] = StoredValue(completed / feedback, last_feedback)
+        out[DISMISS_RATE] = StoredValue(dismissed / feedback, last_feedback)
+    if views > 0:
+        out[MEAN_DWELL] = StoredValue(dwell_sum / views, last_view)
+    hour = conn.execute(
+        "SELECT h.hour, (SELECT max(last_completed_at) FROM ingest_daily"
+        "  WHERE user_id = ? AND day BETWEEN ? AND ?)"
+        " FROM ingest_completed_hours h WHERE h.user_id = ? AND h.day BETWEEN ? AND ?"
+        " GROUP BY h.hour ORDER BY sum(h.n) DESC, h.hour LIMIT 1",
+        (user_id, first, today, user_id, first, today),
+    ).fetchone()
+    if hour is not None:
+        out[PREFERRED_HOUR] = StoredValue(float(hour[0]), hour[1])
+    synced = conn.execute(
+        "SELECT max(synced_at) FROM ingest_task_syncs WHERE user_id = ?", (user_id,)
+    ).fetchone()[0]
+    if synced is not None:
+        open_, overdue = conn.execute(
+            "SELECT count(*), total(due_at IS NOT NULL AND due_at < ?) FROM ingest_tasks"
+            " WHERE user_id = ? AND completed = 0",
+            (now, user_id),
+        ).fetchone()
+        out[OPEN_TASKS] = StoredValue(float(open_), synced)
+        out[OVERDUE_TASKS] = StoredValue(float(overdue), synced)
+    return out
+
+
+class _Reader:
+    """A read-only connection on its own thread, for the reads on Score's path.
+
+    Through `SqliteDB.run` a read would queue behind whatever the writer is doing (an
+    ingest batch and its fsync), three times per Score; WAL lets a second connection read
+    the last committed state without waiting for the writer."""
+
+    def __init__(self, path: str) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="oo-ingest-read")
+        self._path = path
+        self._conn: sqlite3.Connection | None = None
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._conn is None:
+            uri = f"{Path(self._path).resolve().as_uri()}?mode=ro"
+            self._conn = sqlite3.connect(uri, uri=True, isolation_level=None)
+            self._conn.execute("PRAGMA busy_timeout=5000")
+        return self._conn
+
+    async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, lambda: fn(self._connection()))
+
+    def _close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    async def close(self) -> None:
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._pool, self._close)
+        self._pool.shutdown(wait=True)
+
+
+class ProfileStore:
+    """FeatureStore and TaskSource over the ingest tables, plus the batch writes of `effects`."""
+
+    def __init__(self, db: SqliteDB, dedupe_window_s: float) -> None:
+        self.db = db
+        self.dedupe_window_s = dedupe_window_s
+        self._ready = False
+        # An in-memory database has no second connection: read through the writer then.
+        self._reader = _Reader(db.path) if db.path != ":memory:" else None
+
+    async def ensure_schema(self) -> None:
+        if not self._ready:
+            await self.db.run(_migrate)
+            self._ready = True
+
+    async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        await self.ensure_schema()
+        if self._reader is None:
+            return await self.db.run(fn)
+        return await self._reader.run(fn)
+
+    async def close(self) -> None:
+        """Close the read connection; later reads go through the writer. Idempotent."""
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            await reader.close()
+
+    # -- FeatureStore / TaskSource ----------------------------------------------------------
+
+    async def stored_features(self, user_id: str, now: float) -> dict[str, StoredValue]:
+        return await self._read(lambda conn: _stored_features(conn, user_id, now))
+
+    async def open_tasks(self, user_id: str, now: float, limit: int) -> list[TaskView]:
+        """Open tasks, overdue first, then by due time and priority. Empty when the last
+        snapshot is older than the open_tasks contract's TTL: stale tasks mislead a prompt."""
+        ttl = ALL_FEATURES[OPEN_TASKS].ttl_seconds
+
+        def q(conn: sqlite3.Connection) -> list[TaskView]:
+            synced = conn.execute(
+                "SELECT max(synced_at) FROM ingest_task_syncs WHERE user_id = ?", (user_id,)
+            ).fetchone()[0]
+            if synced is None or (ttl and now - synced > ttl):
+                return []
+            rows = conn.execute(
+                "SELECT title, due_at, priority FROM ingest_tasks WHERE user_id = ? AND completed = 0"
+                " ORDER BY (due_at IS NOT NULL AND due_at < ?) DESC, due_at IS NULL, due_at,"
+                " priority DESC, task_id LIMIT ?",
+                (user_id, now, limit),
+            ).fetchall()
+            return [
+                TaskView(title, due, int(prio), due is not None and due < now)
+                for title, due, prio in rows
+            ]
+
+        return await self._read(q)
+
+    # -- writes ---------------------------------------------------------------------------
+
+    async def applied_among(self, event_ids: Sequence[str]) -> set[str]:
+        await self.ensure_schema()
+        return await self.db.run(lambda conn: applied_among(conn, event_ids))
+
+    async def record(self, events: Sequence[Event], now: float) -> list[bool]:
+        """`record_events` in one durable transaction."""
+        await self.ensure_schema()
+        plan = plan_batch(events, now)
+        return await self.db.run(lambda conn: record_events(conn, events, now, plan))
+
+    async def prune(self, now: float) -> int:
+        """Forget event ids past the dedupe window and buckets past the 30-day window.
+        Returns how many event ids were forgotten."""
+        await self.ensure_schema()
+        cutoff = now - self.dedupe_window_s
+        oldest_day = day_of(now) - WINDOW_DAYS + 1
+
+        def tx(conn: sqlite3.Connection) -> int:
+            n = conn.execute("DELETE FROM ingest_applied WHERE applied_at < ?", (cutoff,)).rowcount
+            conn.execute("DELETE FROM ingest_served WHERE recorded_at < ?", (cutoff,))
+            conn.execute("DELETE FROM ingest_daily WHERE day < ?", (oldest_day,))
+            conn.execute("DELETE FROM ingest_completed_hours WHERE day < ?", (oldest_day,))
+            conn.execute(
+                "DELETE FROM ingest_integration_events WHERE occurred_at < ?",
+                (now - WINDOW_DAYS * DAY_S,),
+            )
+            return n
+
+        return await self.db.run(tx)
+
+    # -- inspection (tests, operators) ----------------------------------------------------
+
+    async def totals(self, user_id: str | None = None) -> dict[str, float]:
+        """All-time sums of the daily counters still kept, and the applied-event count."""
+        await self.ensure_schema()
+
+        def q(conn: sqlite3.Connection) -> dict[str, float]:
+            where, args = ("WHERE user_id = ?", (user_id,)) if user_id is not None else ("", ())
+            row = conn.execute(
+                "SELECT total(served), total(feedback), total(completed), total(dismissed),"
+                f" total(snoozed), total(views), total(dwell_ms_sum) FROM ingest_daily {where}",
+                args,
+            ).fetchone()
+            names = ("served", "feedback", "completed", "dismissed", "snoozed", "views", "dwell")
+            out = dict(zip(names, (float(v) for v in row), strict=True))
+            out["applied_events"] = float(
+                conn.execute("SELECT count(*) FROM ingest_applied").fetchone()[0]
+            )
+            return out
+
+        return await self.db.run(q)
+
+    async def integration_status(self, user_id: str, provider: str) -> tuple[str, int] | None:
+        await self.ensure_schema()
+
+        def q(conn: sqlite3.Connection) -> tuple[str, int] | None:
+            row = conn.execute(
+                "SELECT status, failures FROM ingest_integrations"
+                " WHERE user_id = ? AND provider = ?",
+                (user_id, provider),
+            ).fetchone()
+            return (str(row[0]), int(row[1])) if row else None
+
+        return await self.db.run(q)

@@ -1,0 +1,164 @@
+"""The serve signal: one TipServed envelope per decision, on `signals.tip.served`.
+
+`decision_made` runs on the Score path, right after the decision's commit, so it only puts
+the record on a bounded queue; a publisher task drains it with `publish_async` and waits
+for JetStream's acks per batch. A full queue, a failed or timed-out publish, or NATS being
+away costs one counter and one dropped signal, never an error on Score.
+
+The event_id is derived from the decision id and sent as `Nats-Msg-Id`, so a retried
+publish is dropped by the stream's duplicate window and a redelivered one by the ingest's
+dedupe table. Our own consumer reads these back from `signals.>`: that is the one place
+tip volume is counted (`profile_store` counts a decision once even if the recommender also
+reports it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+from google.protobuf.timestamp_pb2 import Timestamp
+from nats.js import JetStreamContext, api
+
+from oo.events.v1 import envelope_pb2, signals_pb2
+from oo_ml.decisions import DecisionRecord
+from oo_ml.ingest.counters import IngestCounters
+
+log = logging.getLogger(__name__)
+
+SUBJECT = "signals.tip.served"
+PRODUCER = "oo-ml"
+SCHEMA_VERSION = "1"
+_BATCH = 256
+
+T = TypeVar("T")
+
+
+async def _first(a: Coroutine[Any, Any, T], b: Coroutine[Any, Any, Any]) -> T | None:
+    """a's result if a finishes first, else None; the other is cancelled."""
+    ta, tb = asyncio.ensure_future(a), asyncio.ensure_future(b)
+    await asyncio.wait({ta, tb}, return_when=asyncio.FIRST_COMPLETED)
+    tb.cancel()
+    if ta.done():
+        return ta.result()
+    ta.cancel()
+    return None
+
+
+def served_event_id(decision_id: str) -> str:
+    return f"served-{decision_id}"
+
+
+def served_envelope(record: DecisionRecord) -> envelope_pb2.Envelope:
+    chosen = record.chosen
+    ts = Timestamp()
+    ts.FromNanoseconds(int(record.created_at * 1e9))
+    return envelope_pb2.Envelope(
+        event_id=served_event_id(record.decision_id),
+        schema_version=SCHEMA_VERSION,
+        producer=PRODUCER,
+        occurred_at=ts,
+        user_id=record.user_id,
+        tip_served=signals_pb2.TipServed(
+            decision_id=record.decision_id,
+            tip_id=chosen.tip_id,
+            arm=chosen.arm,
+            policy=record.policy,
+            feature_version=record.feature_version,
+            propensity=chosen.propensity,
+            prompt_version=chosen.prompt_version,
+            generation_id=chosen.generation_id,
+        ),
+    )
+
+
+class ServePublisher:
+    """A DecisionListener: queues each decision; `run` publishes them."""
+
+    def __init__(
+        self, counters: IngestCounters, max_queue: int = 10_000, ack_timeout_s: float = 5.0
+    ) -> None:
+        self.counters = counters
+        self.ack_timeout_s = ack_timeout_s
+        self._queue: asyncio.Queue[DecisionRecord] = asyncio.Queue(maxsize=max_queue)
+
+    def decision_made(self, record: DecisionRecord) -> None:
+        try:
+            self._queue.put_nowait(record)
+        except asyncio.QueueFull:
+            self.counters.publish_dropped += 1
+
+    @property
+    def queued(self) -> int:
+        return self._queue.qsize()
+
+    async def run(
+        self,
+        js: JetStreamContext,
+        stop: asyncio.Event,
+        connected: asyncio.Event,
+        drain_s: float = 2.0,
+    ) -> None:
+        """Publish until stop is set, then what is still queued, for up to drain_s."""
+        while not stop.is_set():
+            record = await _first(self._queue.get(), stop.wait())
+            if not isinstance(record, DecisionRecord):
+                break
+            batch = [record]
+            while len(batch) < _BATCH and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            # Wait for the connection instead of failing fast: the queue is the buffer, and
+            # what overflows it is counted as dropped.
+            if not connected.is_set():
+                await _first(connected.wait(), stop.wait())
+                if not connected.is_set():  # stopping while NATS is away
+                    self.counters.publish_dropped += len(batch)
+                    break
+            await self._publish(js, batch)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + drain_s
+        while not self._queue.empty() and connected.is_set() and loop.time() < deadline:
+            batch = []
+            while len(batch) < _BATCH and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            await self._publish(js, batch)
+        left = self._queue.qsize()
+        if left:
+            self.counters.publish_dropped += left
+            log.warning("%d serve signals not published at shutdown", left)
+
+    async def _publish(self, js: JetStreamContext, batch: list[DecisionRecord]) -> None:
+        try:
+            await self._publish_batch(js, batch)
+        except Exception:  # a bug here must cost signals, counted, not the publisher task
+            self.counters.publish_failed += len(batch)
+            log.exception("publishing %d serve signals failed", len(batch))
+
+    async def _publish_batch(self, js: JetStreamContext, batch: list[DecisionRecord]) -> None:
+        futures: list[asyncio.Future[api.PubAck]] = []
+        for record in batch:
+            env = served_envelope(record)
+            try:
+                fut = await js.publish_async(
+                    SUBJECT,
+                    env.SerializeToString(),
+                    wait_stall=self.ack_timeout_s,
+                    headers={"Nats-Msg-Id": env.event_id},
+                )
+            except Exception as e:
+                self.counters.publish_failed += 1
+                log.debug("publish of %s failed: %s", env.event_id, e)
+                continue
+            futures.append(fut)
+        if not futures:
+            return
+        done, pending = await asyncio.wait(futures, timeout=self.ack_timeout_s)
+        for late in pending:
+            late.cancel()
+        failed = len(pending) + sum(1 for f in done if f.cancelled() or f.exception() is not None)
+        self.counters.published += len(futures) - failed
+        if failed:
+            self.counters.publish_failed += failed
+            log.warning("%d of %d serve signals were not acknowledged", failed, len(futures))
