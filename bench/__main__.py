@@ -1,4 +1,4 @@
-"""Run every benchmark part: `python -m bench [score|ingest|codec ...]`."""
+"""Run benchmark parts: `python -m bench [score|generate|ingest|codec ...]` (all by default)."""
 
 from __future__ import annotations
 

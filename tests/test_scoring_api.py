@@ -338,3 +338,25 @@ async def test_shutdown_turns_health_not_serving_before_the_server_goes(
     assert (await watch.read()).status == health_pb2.HealthCheckResponse.NOT_SERVING
     watch.cancel()
     await stopping
+
+
+async def test_metrics_count_calls_by_method_and_status(server_factory: ServerFactory) -> None:
+    srv = await server_factory({"OO_METRICS_PORT": "0"})
+    await srv.stub.Score(score_request())
+    with pytest.raises(grpc.aio.AioRpcError):
+        await srv.stub.Score(score_request(user=""))
+    with pytest.raises(grpc.aio.AioRpcError):
+        await srv.stub.Reward(pb.RewardRequest(decision_id="missing", reward=1))
+    endpoint = srv.app._metrics_endpoint
+    assert endpoint is not None
+    reader, writer = await asyncio.open_connection("127.0.0.1", endpoint.port)
+    writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+    body = (await reader.read()).decode()
+    writer.close()
+    assert body.startswith("HTTP/1.1 200 OK")
+    assert 'oo_rpc_total{method="Score",code="OK"} 1' in body
+    assert 'oo_rpc_total{method="Score",code="INVALID_ARGUMENT"} 1' in body
+    assert 'oo_rpc_total{method="Reward",code="NOT_FOUND"} 1' in body
+    assert 'oo_rpc_seconds_count{method="Score"} 2' in body
+    assert 'oo_rpc_seconds_bucket{method="Score",le="+Inf"} 2' in body
+    assert "oo_background_failures 0" in body

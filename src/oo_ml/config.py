@@ -56,6 +56,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "float | None": _parse_optional_float,
     "tuple[str, ...]": _parse_csv,
     "str | None": lambda raw: raw or None,
+    "int | None": lambda raw: int(raw) if raw.strip() else None,
 }
 
 
@@ -79,6 +80,11 @@ class ServerConfig:
     )
     auth_token: str | None = setting(
         None, "OO_AUTH_TOKEN", "Bearer token every RPC must carry (unset: no auth)."
+    )
+    metrics_port: int | None = setting(
+        None,
+        "OO_METRICS_PORT",
+        "Port of the plain-HTTP /metrics endpoint (Prometheus text); unset: off.",
     )
     admin_token: str | None = setting(
         None,

@@ -187,7 +187,7 @@ class ScoringEngine:
         self._priors: dict[str, PolicyState] = {}
         self._locks: dict[str, tuple[asyncio.Lock, list[int]]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
-        self.shadow_failures = 0
+        self.background_failures = 0
 
     # -- policies and state -------------------------------------------------------------
 
@@ -201,6 +201,11 @@ class ScoringEngine:
 
     def shadows_of(self, served: str) -> list[Policy]:
         return [self.policies[s] for s in self.config.shadow_policies if s != served]
+
+    @property
+    def users_locked(self) -> int:
+        """Users with an update in flight or waiting (a gauge for operators)."""
+        return len(self._locks)
 
     @asynccontextmanager
     async def _user_lock(self, user_id: str) -> AsyncIterator[None]:
@@ -327,7 +332,7 @@ class ScoringEngine:
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
-            self.shadow_failures += 1
+            self.background_failures += 1
             log.error("background task failed", exc_info=task.exception())
 
     async def _score_shadows(
@@ -577,7 +582,7 @@ class ScoringEngine:
                     await self.sweep_once()
                     next_sweep = t + self.config.sweep_interval_s
             except Exception:
-                self.shadow_failures += 1
+                self.background_failures += 1
                 log.exception("background round failed")
             wait = max(min(next_prior, next_sweep) - time.monotonic(), 0.05)
             with suppress(TimeoutError):

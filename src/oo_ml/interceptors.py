@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +32,7 @@ from oo_ml.errors import (
     Unauthenticated,
     Unavailable,
 )
+from oo_ml.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -70,9 +72,22 @@ if TYPE_CHECKING:
 
 
 class EdgeInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, token: str | None, admin_token: str | None) -> None:
+    def __init__(
+        self, token: str | None, admin_token: str | None, metrics: Metrics | None = None
+    ) -> None:
         self.token = token
         self.admin_token = admin_token
+        self.metrics = metrics or Metrics()
+
+    def _count(self, method: str, code: str, started: float) -> None:
+        labels = (("method", method.rsplit("/", 1)[-1]), ("code", code))
+        self.metrics.inc("oo_rpc_total", "RPCs handled, by method and status code.", labels)
+        self.metrics.observe(
+            "oo_rpc_seconds",
+            "RPC handling time, by method.",
+            labels[:1],
+            time.perf_counter() - started,
+        )
 
     def _authorize(self, method: str, metadata: tuple[tuple[str, str | bytes], ...]) -> None:
         if self.token is None and self.admin_token is None:
@@ -128,16 +143,18 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
             inner: Any = handler.unary_unary
 
             async def unary(request: Any, context: Context) -> Any:
+                started, code = time.perf_counter(), "OK"
                 try:
                     self._authorize(method, metadata)
                     async with asyncio.timeout(self._budget(context)):
                         return await inner(request, context)
-                except (OoError, TimeoutError) as e:
-                    await self._fail(context, e)
                 except Exception as e:
+                    code = _code_name(e)
                     if _is_abort(e):
                         raise
                     await self._fail(context, e)
+                finally:
+                    self._count(method, code, started)
 
             return grpc.unary_unary_rpc_method_handler(
                 unary,
@@ -149,17 +166,19 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
             inner_stream: Any = handler.unary_stream
 
             async def stream(request: Any, context: Context) -> AsyncIterator[Any]:
+                started, code = time.perf_counter(), "OK"
                 try:
                     self._authorize(method, metadata)
                     async with asyncio.timeout(self._budget(context)):
                         async for item in inner_stream(request, context):
                             yield item
-                except (OoError, TimeoutError) as e:
-                    await self._fail(context, e)
                 except Exception as e:
+                    code = _code_name(e)
                     if _is_abort(e):
                         raise
                     await self._fail(context, e)
+                finally:
+                    self._count(method, code, started)
 
             return grpc.unary_stream_rpc_method_handler(
                 stream,
@@ -167,6 +186,14 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
                 response_serializer=handler.response_serializer,
             )
         return handler
+
+
+def _code_name(e: BaseException) -> str:
+    if isinstance(e, OoError):
+        return status_of(e)[0].name
+    if isinstance(e, TimeoutError):
+        return "DEADLINE_EXCEEDED"
+    return "UNKNOWN" if _is_abort(e) else "INTERNAL"
 
 
 def _is_abort(e: BaseException) -> bool:

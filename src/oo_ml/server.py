@@ -30,6 +30,7 @@ from oo_ml.features import FeatureStore, NoStoredFeatures, NoTasks, TaskSource
 from oo_ml.generate.generator import Generator
 from oo_ml.generate.prompts import check_config
 from oo_ml.interceptors import SERVICE, EdgeInterceptor
+from oo_ml.metrics import Metrics, MetricsEndpoint
 from oo_ml.service import ScoringService
 from oo_ml.sqlite_store import SqliteStore
 
@@ -59,6 +60,8 @@ class App:
     _bg: asyncio.Task[None] | None = None
     _components: list[Component] = field(default_factory=list)
     _stopped: bool = False
+    metrics: Metrics = field(default_factory=Metrics)
+    _metrics_endpoint: MetricsEndpoint | None = None
 
     async def start(self) -> int:
         cfg = self.config
@@ -76,7 +79,9 @@ class App:
             self._components.append(ingest)
 
         server = grpc.aio.server(
-            interceptors=[EdgeInterceptor(cfg.server.auth_token, cfg.server.admin_token)],
+            interceptors=[
+                EdgeInterceptor(cfg.server.auth_token, cfg.server.admin_token, self.metrics)
+            ],
             options=[
                 ("grpc.max_receive_message_length", cfg.server.max_message_bytes),
                 ("grpc.max_send_message_length", cfg.server.max_message_bytes),
@@ -99,6 +104,18 @@ class App:
         self.port = server.add_insecure_port(f"{cfg.server.host}:{cfg.server.port}")
         if self.port == 0:
             raise OSError(f"cannot bind {cfg.server.host}:{cfg.server.port}")
+        engine = self.engine
+        self.metrics.gauges(
+            lambda: {
+                "oo_background_failures": engine.background_failures,
+                "oo_users_locked": engine.users_locked,
+            }
+        )
+        if cfg.server.metrics_port is not None:
+            self._metrics_endpoint = MetricsEndpoint(
+                self.metrics, cfg.server.host, cfg.server.metrics_port
+            )
+            await self._metrics_endpoint.start()
         for component in self._components:
             await component.start()
         await server.start()
@@ -142,6 +159,8 @@ class App:
             await component.stop()
         if self.store is not None:
             await self.store.close()
+        if self._metrics_endpoint is not None:
+            await self._metrics_endpoint.stop()
         log.info("oo-ml stopped")
 
 
