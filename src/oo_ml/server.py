@@ -17,7 +17,7 @@ import contextlib
 import logging
 import signal
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -29,6 +29,7 @@ from oo_ml.engine import ScoringEngine
 from oo_ml.features import FeatureStore, NoStoredFeatures, NoTasks, TaskSource
 from oo_ml.generate.generator import Generator
 from oo_ml.generate.prompts import check_config
+from oo_ml.ingest.runner import Ingest
 from oo_ml.interceptors import SERVICE, EdgeInterceptor
 from oo_ml.metrics import Metrics, MetricsEndpoint
 from oo_ml.service import ScoringService
@@ -59,6 +60,7 @@ class App:
     _stop_bg: asyncio.Event = field(default_factory=asyncio.Event)
     _bg: asyncio.Task[None] | None = None
     _components: list[Component] = field(default_factory=list)
+    ingest: Ingest | None = None
     _stopped: bool = False
     metrics: Metrics = field(default_factory=Metrics)
     _metrics_endpoint: MetricsEndpoint | None = None
@@ -66,10 +68,10 @@ class App:
     async def start(self) -> int:
         cfg = self.config
         cfg.server.data_dir.mkdir(parents=True, exist_ok=True)
-        self.store = SqliteStore.open(cfg.server.data_dir / DB_FILE)
+        self.store = store = SqliteStore.open(cfg.server.data_dir / DB_FILE)
         features: FeatureStore = NoStoredFeatures()
         tasks: TaskSource = NoTasks()
-        ingest = self._make_ingest()
+        ingest = self._make_ingest(store)
         if ingest is not None:
             features, tasks = ingest.feature_store(), ingest.task_source()
         self.engine = ScoringEngine(cfg.scoring, self.store, features)
@@ -77,6 +79,7 @@ class App:
         if ingest is not None:
             ingest.attach(self.engine)
             self._components.append(ingest)
+            self.ingest = ingest
 
         server = grpc.aio.server(
             interceptors=[
@@ -90,7 +93,13 @@ class App:
             ],
         )
         scoring_pb2_grpc.add_ScoringServiceServicer_to_server(
-            ScoringService(self.engine, generator, cfg.scoring.max_candidates), server
+            ScoringService(
+                self.engine,
+                generator,
+                cfg.scoring.max_candidates,
+                ingest_stats=ingest.stats if ingest is not None else dict,
+            ),
+            server,
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
@@ -126,14 +135,12 @@ class App:
         log.info("oo-ml listening on %s:%d", cfg.server.host, self.port)
         return self.port
 
-    def _make_ingest(self) -> Any:
+    def _make_ingest(self, store: SqliteStore) -> Ingest | None:
         if not self.config.ingest.enabled:
             return None
-        try:
-            from oo_ml.ingest.runner import Ingest
-        except ImportError:  # ingest not built into this version
-            return None
-        return Ingest(self.config, self.store, self.health)
+        ingest = Ingest(self.config, store, self.health)
+        self.metrics.gauges(lambda: {f"oo_ingest_{k}": v for k, v in ingest.stats().items()})
+        return ingest
 
     def _make_generator(self, tasks: TaskSource) -> Generator:
         check_config(self.config.llm)  # an unknown DEFAULT_PROMPT_VERSION fails at start

@@ -8,7 +8,7 @@ are domain exceptions; `interceptors.py` maps them to statuses.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 import grpc
@@ -115,9 +115,16 @@ def generate_response(g: Generation) -> scoring_pb2.GenerateResponse:
 
 
 class ScoringService(scoring_pb2_grpc.ScoringServiceServicer):
-    def __init__(self, engine: ScoringEngine, generator: Generator, max_candidates: int) -> None:
+    def __init__(
+        self,
+        engine: ScoringEngine,
+        generator: Generator,
+        max_candidates: int,
+        ingest_stats: Callable[[], Mapping[str, int]] = dict,
+    ) -> None:
         self.engine = engine
         self.generator = generator
+        self.ingest_stats = ingest_stats
         self._limits = {_CANDIDATES: max_candidates}
 
     async def Score(
@@ -163,7 +170,9 @@ class ScoringService(scoring_pb2_grpc.ScoringServiceServicer):
         self, request: scoring_pb2.StatsRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> scoring_pb2.StatsResponse:
         validate(request)
-        return stats_response(await self.engine.stats(request.user_id, request.policy))
+        response = stats_response(await self.engine.stats(request.user_id, request.policy))
+        response.ingest.update(self.ingest_stats())
+        return response
 
     async def Reset(
         self, request: scoring_pb2.ResetRequest, context: grpc.aio.ServicerContext[object, object]

@@ -10,13 +10,14 @@ from __future__ import annotations
 import math
 import zoneinfo
 from collections.abc import Iterator
+from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
-from oo_ml.contracts import FieldRules, feature_of, rules_of
+from oo_ml.contracts import FeatureContract, FieldRules, feature_of, rules_of
 from oo_ml.errors import FieldViolation, InvalidArgument
 
 _FLOATS = (FieldDescriptor.TYPE_DOUBLE, FieldDescriptor.TYPE_FLOAT)
@@ -58,17 +59,48 @@ def _scalar(path: str, value: Any, field: Any, rules: FieldRules) -> Iterator[st
         yield f"must be <= {_num(rules.max)} (got {value})"
 
 
+@dataclass(frozen=True, slots=True)
+class _Field:
+    """What the walker needs of one field, read from its descriptor once."""
+
+    name: str
+    full_name: str
+    type: int
+    repeated: bool
+    presence: bool
+    rules: FieldRules | None
+    contract: FeatureContract | None
+    descriptor: Any
+
+
+@cache
+def _plan(descriptor: Any) -> tuple[_Field, ...]:
+    """The fields of a message type that can hold a violation: those with rules or a
+    contract, and messages that contain such fields. Cached per type, so a request pays
+    for its own fields only (a Timestamp, say, is never walked)."""
+    out = []
+    for f in descriptor.fields:
+        rules, contract = rules_of(f), feature_of(f)
+        nested = f.type == _MESSAGE and bool(_plan(f.message_type))
+        if rules is None and contract is None and not nested:
+            continue
+        out.append(
+            _Field(f.name, f.full_name, f.type, f.is_repeated, f.has_presence, rules, contract, f)
+        )
+    return tuple(out)
+
+
 def violations(
     msg: Message, prefix: str = "", max_items: dict[str, int] | None = None
 ) -> list[FieldViolation]:
     """Every rule and contract violation in msg. max_items overrides a field's max_items,
     keyed by its full proto name (the server's configurable candidate limit)."""
     out: list[FieldViolation] = []
-    for field in msg.DESCRIPTOR.fields:
+    for field in _plan(msg.DESCRIPTOR):
         path = f"{prefix}{field.name}"
-        rules = rules_of(field)
-        contract = feature_of(field)
-        if field.is_repeated:
+        rules = field.rules
+        contract = field.contract
+        if field.repeated:
             items = getattr(msg, field.name)
             if rules is not None:
                 if rules.required and len(items) == 0:
@@ -95,11 +127,12 @@ def violations(
                     out.extend(violations(item, f"{path}[{i}].", max_items))
                 elif rules is not None:
                     out.extend(
-                        FieldViolation(f"{path}[{i}]", d) for d in _scalar(path, item, field, rules)
+                        FieldViolation(f"{path}[{i}]", d)
+                        for d in _scalar(path, item, field.descriptor, rules)
                     )
             continue
 
-        present = msg.HasField(field.name) if field.has_presence else True
+        present = msg.HasField(field.name) if field.presence else True
         value = getattr(msg, field.name)
         if rules is not None and rules.required:
             missing = not present if field.type == _MESSAGE else not value
@@ -113,7 +146,9 @@ def violations(
         if not present:
             continue
         if rules is not None:
-            out.extend(FieldViolation(path, d) for d in _scalar(path, value, field, rules))
+            out.extend(
+                FieldViolation(path, d) for d in _scalar(path, value, field.descriptor, rules)
+            )
         if contract is not None:
             if field.type in _FLOATS and not math.isfinite(value):
                 out.append(FieldViolation(path, f"must be a finite number (got {value})"))

@@ -503,6 +503,26 @@ Global___ShadowStats: _TypeAlias = ShadowStats  # noqa: Y015
 class StatsResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class IngestEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     USER_ID_FIELD_NUMBER: _builtins.int
     POLICY_FIELD_NUMBER: _builtins.int
     FEATURE_VERSION_FIELD_NUMBER: _builtins.int
@@ -516,6 +536,7 @@ class StatsResponse(_message.Message):
     FEATURES_FIELD_NUMBER: _builtins.int
     USERS_FIELD_NUMBER: _builtins.int
     PENDING_FIELD_NUMBER: _builtins.int
+    INGEST_FIELD_NUMBER: _builtins.int
     user_id: _builtins.str
     policy: _builtins.str
     feature_version: _builtins.str
@@ -537,6 +558,12 @@ class StatsResponse(_message.Message):
     def features(self) -> _containers.RepeatedCompositeFieldContainer[Global___FeatureValue]:
         """The user's current profile and context values and their origins."""
 
+    @_builtins.property
+    def ingest(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """Process-wide ingest counters (applied, duplicates, dead_lettered, ...); empty when
+        ingest is off.
+        """
+
     def __init__(
         self,
         *,
@@ -553,10 +580,11 @@ class StatsResponse(_message.Message):
         features: _abc.Iterable[Global___FeatureValue] | None = ...,
         users: _builtins.int = ...,
         pending: _builtins.int = ...,
+        ingest: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["arms", b"arms", "decisions", b"decisions", "feature_version", b"feature_version", "features", b"features", "mean_reward", b"mean_reward", "pending", b"pending", "policy", b"policy", "prompt_versions", b"prompt_versions", "reward_sum", b"reward_sum", "rewarded", b"rewarded", "shadows", b"shadows", "user_id", b"user_id", "users", b"users"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arms", b"arms", "decisions", b"decisions", "feature_version", b"feature_version", "features", b"features", "ingest", b"ingest", "mean_reward", b"mean_reward", "pending", b"pending", "policy", b"policy", "prompt_versions", b"prompt_versions", "reward_sum", b"reward_sum", "rewarded", b"rewarded", "shadows", b"shadows", "user_id", b"user_id", "users", b"users"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
