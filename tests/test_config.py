@@ -44,6 +44,7 @@ def test_defaults_env_and_flags() -> None:
         ({"OO_EPSILON": "1.5"}, "OO_EPSILON"),
         ({"OO_DEDUPE_WINDOW_S": "60"}, "24 h"),
         ({"OO_INGEST": "maybe"}, "OO_INGEST"),
+        ({"OO_INGEST_BATCH": "10"}, "at least 100"),
     ],
 )
 def test_bad_settings_are_refused_with_their_name(env: dict[str, str], message: str) -> None:
@@ -59,3 +60,10 @@ def test_every_setting_is_in_serve_help(capsys: pytest.CaptureFixture[str]) -> N
         assert env in out
         if flag:
             assert flag in out
+
+
+def test_the_readme_documents_every_setting() -> None:
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    for env, _flag, default, help_ in config_mod.describe():
+        assert f"| `{env}` |" in readme, f"README lacks {env}: paste `oo-ml config` into it"
+        assert help_ in readme and f"`{default}`" in readme

@@ -81,15 +81,15 @@ class ServerConfig:
     auth_token: str | None = setting(
         None, "OO_AUTH_TOKEN", "Bearer token every RPC must carry (unset: no auth)."
     )
-    metrics_port: int | None = setting(
-        None,
-        "OO_METRICS_PORT",
-        "Port of the plain-HTTP /metrics endpoint (Prometheus text); unset: off.",
-    )
     admin_token: str | None = setting(
         None,
         "OO_ADMIN_TOKEN",
         "Bearer token for admin RPCs (Reset); unset: Reset is refused when auth is on.",
+    )
+    metrics_port: int | None = setting(
+        None,
+        "OO_METRICS_PORT",
+        "Port of the plain-HTTP /metrics endpoint (Prometheus text); unset: off.",
     )
 
 
@@ -201,6 +201,8 @@ class Config:
             problems.append("OO_DEFAULT_REWARD must be finite or 'off'")
         if self.ingest.dedupe_window_s < 86400:
             problems.append("OO_DEDUPE_WINDOW_S must be at least 86400 (24 h)")
+        if self.ingest.batch < 100:
+            problems.append("OO_INGEST_BATCH must be at least 100")
         if self.ingest.max_deliver < 2:
             problems.append("OO_INGEST_MAX_DELIVER must be >= 2")
         if self.llm.timeout_s <= 0 or self.llm.concurrency < 1:
