@@ -360,3 +360,23 @@ async def test_metrics_count_calls_by_method_and_status(server_factory: ServerFa
     assert 'oo_rpc_seconds_count{method="Score"} 2' in body
     assert 'oo_rpc_seconds_bucket{method="Score",le="+Inf"} 2' in body
     assert "oo_background_failures 0" in body
+
+
+async def test_calls_cut_by_their_deadline_leave_the_server_healthy(server: Running) -> None:
+    codes = set()
+    for i in range(300):
+        try:
+            await server.stub.Score(
+                score_request(user=f"d{i % 7}"), timeout=0.002 + (i % 10) / 1000
+            )
+            codes.add("OK")
+        except grpc.aio.AioRpcError as e:
+            codes.add(e.code().name)
+    assert codes <= {"OK", "DEADLINE_EXCEEDED"}
+    resp = await server.stub.Score(score_request(), timeout=10)
+    assert resp.decision_id
+    assert (
+        await server.stub.Reward(
+            pb.RewardRequest(decision_id=resp.decision_id, reward=1), timeout=10
+        )
+    ).applied

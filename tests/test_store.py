@@ -106,3 +106,26 @@ async def test_writes_survive_reopening(tmp_path: Path) -> None:
         assert (await again.get_decision("d1")) is not None
     finally:
         await again.close()
+
+
+async def test_a_caller_that_gives_up_does_not_break_the_store(sqlite_store: SqliteStore) -> None:
+    """A cancelled caller (a gRPC deadline) must neither kill the writer or the reader nor
+    leave its write behind if it had not started."""
+    import time
+
+    for run in (sqlite_store.db.run, sqlite_store.db.read):
+        busy = asyncio.create_task(run(lambda conn: time.sleep(0.2)))
+        await asyncio.sleep(0.05)
+        queued = asyncio.create_task(
+            sqlite_store.commit([PutState("gone", "p", 0, b"x")])
+            if run is sqlite_store.db.run
+            else run(lambda conn: 1)
+        )
+        await asyncio.sleep(0.01)
+        queued.cancel()
+        await busy
+        with pytest.raises(asyncio.CancelledError):
+            await queued
+    assert await asyncio.wait_for(sqlite_store.commit([PutState("u", "p", 0, b"a")]), 5)
+    assert await asyncio.wait_for(sqlite_store.get("u", "p"), 5) is not None
+    assert await sqlite_store.get("gone", "p") is None  # cancelled before it ran: not applied

@@ -15,6 +15,7 @@ back its own savepoint only; a failed COMMIT fails the whole batch with
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import sqlite3
@@ -169,7 +170,10 @@ class SqliteDB:
                         stop = True
                         break
                     batch.append(nxt)
-                self._run_batch(conn, batch)
+                try:
+                    self._run_batch(conn, batch)
+                except Exception:  # never let the writer die: every later write would hang
+                    log.exception("sqlite writer: unexpected failure")
                 if stop:
                     break
         finally:
@@ -181,38 +185,48 @@ class SqliteDB:
         conn.execute("PRAGMA busy_timeout=5000")
         try:
             while (op := self._reads.get()) is not None:
+                # A caller that gave up (deadline, cancel) is skipped, and a running
+                # future can no longer be cancelled under us.
+                if not op.future.set_running_or_notify_cancel():
+                    continue
                 try:
                     op.future.set_result(op.fn(conn))
-                except BaseException as e:
+                except Exception as e:
                     op.future.set_exception(e)
         finally:
             conn.close()
 
     def _run_batch(self, conn: sqlite3.Connection, batch: list[_Op]) -> None:
-        results: list[tuple[_Op, Any, BaseException | None]] = []
+        # Operations whose caller gave up before they started are not run at all: a Score
+        # cancelled at its deadline leaves no decision behind.
+        live = [op for op in batch if op.future.set_running_or_notify_cancel()]
+        if not live:
+            return
+        results: list[tuple[_Op, Any, Exception | None]] = []
         try:
             conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as e:
-            for op in batch:
-                op.future.set_exception(TransientStoreError(f"sqlite begin failed: {e}"))
-            return
-        for op in batch:
-            conn.execute("SAVEPOINT op")
-            try:
-                value = op.fn(conn)
-            except BaseException as e:
-                conn.execute("ROLLBACK TO op")
-                conn.execute("RELEASE op")
-                results.append((op, None, e))
-            else:
-                conn.execute("RELEASE op")
-                results.append((op, value, None))
-        try:
+            for op in live:
+                conn.execute("SAVEPOINT op")
+                try:
+                    value = op.fn(conn)
+                except Exception as e:
+                    conn.execute("ROLLBACK TO op")
+                    conn.execute("RELEASE op")
+                    results.append((op, None, e))
+                else:
+                    conn.execute("RELEASE op")
+                    results.append((op, value, None))
             conn.execute("COMMIT")
-        except sqlite3.Error as e:
-            conn.execute("ROLLBACK") if conn.in_transaction else None
-            for op, _v, _e in results:
-                op.future.set_exception(TransientStoreError(f"sqlite commit failed: {e}"))
+        except Exception as e:
+            # BEGIN, a savepoint or COMMIT failed (full disk, I/O error): nothing of the
+            # batch stands, every caller hears so, and the thread goes on.
+            log.error("sqlite batch of %d failed: %s", len(live), e)
+            if conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+            failure = TransientStoreError(f"sqlite batch failed: {e}")
+            for op in live:
+                op.future.set_exception(failure)
             return
         for op, value, err in results:
             if err is not None:
