@@ -44,7 +44,6 @@ async def profiles(tmp_path: Path) -> AsyncIterator[ProfileStore]:
     db = SqliteDB(tmp_path / "ingest.db")
     store = ProfileStore(db, dedupe_window_s=WEEK)
     yield store
-    await store.close()
     await db.close()
 
 
@@ -178,6 +177,18 @@ async def test_dedupe_window_prunes_applied_ids(profiles: ProfileStore) -> None:
     assert await profiles.applied_among(["v1"]) == {"v1"}
     assert await profiles.prune(NOW + WEEK + 1) == 1
     assert await profiles.applied_among(["v1"]) == set()
+
+
+async def test_a_producer_clock_ahead_of_ours_cannot_make_an_event_apply_twice(
+    profiles: ProfileStore,
+) -> None:
+    ahead = ev(viewed("v-skew", 500, at=NOW + 7200))  # the producer's clock is 2 h fast
+    first = await applier(profiles, Rewards(set())).apply([ahead])
+    assert first[0].outcome is Outcome.APPLIED
+    later = NOW + WEEK + 3600  # past the window by our clock, not by the event's
+    await profiles.prune(later)
+    again = await applier(profiles, Rewards(set()), now=later).apply([ahead])
+    assert again[0].outcome is Outcome.DUPLICATE
 
 
 # -- profile features ----------------------------------------------------------------------------

@@ -3,7 +3,9 @@
 Tables (in the engine's SQLite file, written through `SqliteDB.run` by `profile_writes`,
 so each batch of events lands in one durable transaction):
 
-    ingest_applied          event_id -> applied_at: the dedupe table, pruned past the window
+    ingest_applied          event_id -> applied_at: the dedupe table, pruned past the window;
+                            applied_at is the later of the apply time and occurred_at, so a
+                            producer clock ahead of ours cannot outlive its id's memory
     ingest_served           decision_id of each TipServed counted, so a decision served once
                             counts once even if two producers report it
     ingest_daily            per user, per UTC day: served, feedback by action, views, dwell
@@ -22,11 +24,8 @@ contract's TTL applies too. Hours are UTC: no event carries the user's time zone
 
 from __future__ import annotations
 
-import asyncio
 import sqlite3
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import TypeVar
 
 from oo_ml.contracts import ALL_FEATURES
@@ -206,40 +205,6 @@ def _stored_features(conn: sqlite3.Connection, user_id: str, now: float) -> dict
     return out
 
 
-class _Reader:
-    """A read-only connection on its own thread, for the reads on Score's path.
-
-    Through `SqliteDB.run` a read would queue behind whatever the writer is doing (an
-    ingest batch and its fsync), three times per Score; WAL lets a second connection read
-    the last committed state without waiting for the writer."""
-
-    def __init__(self, path: str) -> None:
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="oo-ingest-read")
-        self._path = path
-        self._conn: sqlite3.Connection | None = None
-
-    def _connection(self) -> sqlite3.Connection:
-        if self._conn is None:
-            uri = f"{Path(self._path).resolve().as_uri()}?mode=ro"
-            self._conn = sqlite3.connect(uri, uri=True, isolation_level=None)
-            self._conn.execute("PRAGMA busy_timeout=5000")
-        return self._conn
-
-    async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, lambda: fn(self._connection()))
-
-    def _close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
-
-    async def close(self) -> None:
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._pool, self._close)
-        self._pool.shutdown(wait=True)
-
-
 class ProfileStore:
     """FeatureStore and TaskSource over the ingest tables, plus the batch writes of `effects`."""
 
@@ -247,8 +212,6 @@ class ProfileStore:
         self.db = db
         self.dedupe_window_s = dedupe_window_s
         self._ready = False
-        # An in-memory database has no second connection: read through the writer then.
-        self._reader = _Reader(db.path) if db.path != ":memory:" else None
 
     async def ensure_schema(self) -> None:
         if not self._ready:
@@ -256,16 +219,9 @@ class ProfileStore:
             self._ready = True
 
     async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        # The store's WAL reader: Score's feature reads never queue behind an ingest commit.
         await self.ensure_schema()
-        if self._reader is None:
-            return await self.db.run(fn)
-        return await self._reader.run(fn)
-
-    async def close(self) -> None:
-        """Close the read connection; later reads go through the writer. Idempotent."""
-        reader, self._reader = self._reader, None
-        if reader is not None:
-            await reader.close()
+        return await self.db.read(fn)
 
     # -- FeatureStore / TaskSource ----------------------------------------------------------
 

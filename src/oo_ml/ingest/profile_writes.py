@@ -155,7 +155,9 @@ def plan_batch(events: Sequence[Event], now: float) -> BatchPlan:
             others.append(e)
     return BatchPlan(
         event_ids=tuple(ids),
-        applied=json.dumps([(e.event_id, e.kind) for e in ids.values()]),
+        # Remember an id until its event is stale by *our* clock too: an event from a
+        # producer whose clock runs ahead would otherwise be forgotten while still fresh.
+        applied=json.dumps([(e.event_id, e.kind, max(now, e.occurred_at)) for e in ids.values()]),
         days=json.dumps([[u, day, *d.row()] for (u, day), d in days.items()]) if days else None,
         hours=json.dumps([[*k, n] for k, n in hours.items()]) if hours else None,
         serves=tuple(serves),
@@ -166,8 +168,8 @@ def plan_batch(events: Sequence[Event], now: float) -> BatchPlan:
 def _write(conn: sqlite3.Connection, plan: BatchPlan, now: float) -> None:
     conn.execute(
         "INSERT INTO ingest_applied (event_id, applied_at, kind)"
-        " SELECT value ->> 0, ?, value ->> 1 FROM json_each(?)",
-        (now, plan.applied),
+        " SELECT value ->> 0, value ->> 2, value ->> 1 FROM json_each(?)",
+        (plan.applied,),
     )
     if plan.days is not None:
         conn.execute(_UPSERT_DAYS, (plan.days,))

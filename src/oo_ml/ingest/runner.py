@@ -211,7 +211,6 @@ class Ingest:
                 await self._quietly("closing the NATS connection", self._nc.close())
         for task in list(self._side):
             task.cancel()
-        await self.profiles.close()
         if self.local_server is not None:
             await self.local_server.stop()
         log.info("ingest stopped: %s", self.counters.as_dict())
