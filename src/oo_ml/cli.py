@@ -1,4 +1,4 @@
-"""The `oo-ml` command: `serve`, `config`, `prompts list`."""
+"""The `oo-ml` command: `serve`, `config`, `prompts list`, `simulate`, `gate`."""
 
 from __future__ import annotations
 
@@ -53,6 +53,81 @@ def _prompts(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _simulate(ns: argparse.Namespace) -> int:
+    from oo_ml import simulator
+
+    def names(raw: str) -> list[str]:
+        return [n.strip() for n in raw.split(",") if n.strip()]
+
+    evaluate = names(ns.evaluate)
+    log_policy = ns.log_policy or ("egreedy" if evaluate else None)
+    try:
+        report = simulator.simulate_and_evaluate(
+            simulator.SimulationConfig(
+                users=ns.users, rounds=ns.rounds, seed=ns.seed, last_rounds=ns.last
+            ),
+            names(ns.policies),
+            config_mod.load().scoring,
+            log_policy=log_policy,
+            evaluate=evaluate,
+            min_samples=ns.min_samples,
+            margin=ns.margin,
+        )
+    except ValueError as e:
+        print(f"oo-ml simulate: {e}", file=sys.stderr)
+        return 2
+    print(simulator.render(report))
+    return 0
+
+
+def _gate(ns: argparse.Namespace) -> int:
+    import grpc
+
+    from oo.scoring.v1 import scoring_pb2, scoring_pb2_grpc
+    from oo_ml import gate
+
+    metadata = (("authorization", f"Bearer {ns.token}"),) if ns.token else None
+    try:
+        with grpc.insecure_channel(ns.address) as channel:
+            stats = scoring_pb2_grpc.ScoringServiceStub(channel).Stats(
+                scoring_pb2.StatsRequest(policy=ns.served), timeout=ns.timeout, metadata=metadata
+            )
+    except grpc.RpcError as e:
+        print(
+            f"oo-ml gate: Stats on {ns.address} failed: {e.code().name}: {e.details()}",
+            file=sys.stderr,
+        )
+        return 2
+    shadow = next((s for s in stats.shadows if s.policy == ns.candidate), None)
+    if shadow is None:
+        known = ", ".join(s.policy for s in stats.shadows) or "none"
+        print(
+            f"refuse {ns.candidate}: no off-policy samples behind {stats.policy}"
+            f" (shadows with samples: {known}; is it in OO_SHADOW_POLICIES?)"
+        )
+        return 1
+    decision = gate.promote_from_stats(
+        policy=shadow.policy,
+        samples=shadow.samples,
+        ips=shadow.ips,
+        snips=shadow.snips,
+        dr=shadow.dr,
+        dr_ci_low=shadow.dr_ci_low,
+        dr_ci_high=shadow.dr_ci_high,
+        served_mean=shadow.served_mean,
+        min_samples=ns.min_samples,
+        margin=ns.margin,
+        served=stats.policy,
+    )
+    print(
+        f"{shadow.policy} behind {stats.policy}: samples {shadow.samples}, IPS {shadow.ips:.4f},"
+        f" SNIPS {shadow.snips:.4f}, DR {shadow.dr:.4f}"
+        f" [{shadow.dr_ci_low:.4f}, {shadow.dr_ci_high:.4f}], served mean {shadow.served_mean:.4f}"
+    )
+    print(decision.reason)
+    return 0 if decision.promote else 1
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="oo-ml", description="oO tips scoring server")
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
@@ -79,6 +154,40 @@ def parser() -> argparse.ArgumentParser:
     prompts = sub.add_parser("prompts", help="the prompt registry")
     prompts_sub = prompts.add_subparsers(dest="prompts_command", required=True)
     prompts_sub.add_parser("list", help="list the prompt versions").set_defaults(func=_prompts)
+    simulate = sub.add_parser(
+        "simulate",
+        help="run policies on a synthetic population (offline, seeded)",
+        description="Run the policies on the same synthetic users, contexts and rewards"
+        " (oo_ml.simulator), and optionally evaluate policies off-policy on one policy's log"
+        " and run the promotion gate. Policy knobs (OO_EPSILON, ...) come from the environment.",
+    )
+    simulate.add_argument("--policies", default="egreedy,linucb,lints,uniform")
+    simulate.add_argument("--users", type=int, default=50)
+    simulate.add_argument("--rounds", type=int, default=300, help="each round serves every user")
+    simulate.add_argument("--seed", type=int, default=1)
+    simulate.add_argument("--last", type=int, default=50, help="rounds of the best-arm rate")
+    simulate.add_argument("--log-policy", default="", help="policy whose decisions are logged")
+    simulate.add_argument(
+        "--evaluate", default="", help="policies to evaluate on the log (default log: egreedy)"
+    )
+    simulate.add_argument("--min-samples", type=int, default=500)
+    simulate.add_argument("--margin", type=float, default=0.0)
+    simulate.set_defaults(func=_simulate)
+    gate_cmd = sub.add_parser(
+        "gate",
+        help="promotion gate on a running server's shadow estimates (exit 0: promote)",
+        description="Read the candidate's off-policy estimate from Stats.shadows and promote it"
+        " only with at least --min-samples samples and a DR 95% CI lower bound above the"
+        " served mean + --margin. Exit 0: promote; 1: refuse; 2: the server could not be asked.",
+    )
+    gate_cmd.add_argument("--address", default="127.0.0.1:50051")
+    gate_cmd.add_argument("--served", required=True, help="the policy serving traffic")
+    gate_cmd.add_argument("--candidate", required=True, help="a shadow of the served policy")
+    gate_cmd.add_argument("--min-samples", type=int, default=500)
+    gate_cmd.add_argument("--margin", type=float, default=0.0)
+    gate_cmd.add_argument("--token", default=None, help="bearer token (OO_AUTH_TOKEN)")
+    gate_cmd.add_argument("--timeout", type=float, default=10.0, help="seconds")
+    gate_cmd.set_defaults(func=_gate)
     return p
 
 

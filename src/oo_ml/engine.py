@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine
@@ -37,6 +36,7 @@ from oo_ml.features import (
     Vector,
     assemble,
 )
+from oo_ml.gate import OffPolicyEstimate, from_sums, sample_terms
 from oo_ml.policies import Policy, build_policies, estimates
 from oo_ml.state import ArmModel, PolicyState, empty_state
 from oo_ml.state_codec import decode_decision, decode_state, encode_decision, encode_state
@@ -129,18 +129,6 @@ class PromptReport:
 
 
 @dataclass(frozen=True, slots=True)
-class ShadowReport:
-    policy: str
-    samples: int
-    ips: float
-    snips: float
-    dr: float
-    dr_ci_low: float
-    dr_ci_high: float
-    served_mean: float
-
-
-@dataclass(frozen=True, slots=True)
 class StatsReport:
     user_id: str
     policy: str
@@ -148,7 +136,7 @@ class StatsReport:
     decisions: int
     arms: list[ArmReport]
     prompts: list[PromptReport]
-    shadows: list[ShadowReport]
+    shadows: list[OffPolicyEstimate]
     features: Assembled
     users: int
     pending: int
@@ -430,11 +418,9 @@ class ScoringEngine:
 
     @staticmethod
     def _off_policy_sample(record: DecisionRecord, view: ShadowView, reward: float) -> AddOffPolicy:
-        logged = record.chosen.propensity
-        weight = view.logged_arm_propensity / logged if logged > 0 else 0.0
-        q = view.estimates
-        direct = sum(p * e for p, e in zip(view.propensities, q, strict=True))
-        dr = direct + weight * (reward - q[record.chosen_index])
+        weight, dr = sample_terms(
+            view.propensities, view.estimates, record.chosen_index, record.chosen.propensity, reward
+        )
         return AddOffPolicy(record.policy, view.policy, weight, reward, dr)
 
     # -- Stats and Reset ------------------------------------------------------------------
@@ -500,20 +486,15 @@ class ScoringEngine:
         )
 
     @staticmethod
-    def _shadow_report(t: OffPolicyTotals) -> ShadowReport:
-        n = max(t.n, 1)
-        dr = t.dr_sum / n
-        var = max(t.dr_sq_sum / n - dr * dr, 0.0)
-        half = 1.96 * math.sqrt(var / n)
-        return ShadowReport(
-            policy=t.shadow,
-            samples=t.n,
-            ips=t.weighted_reward_sum / n,
-            snips=t.weighted_reward_sum / t.weight_sum if t.weight_sum > 0 else 0.0,
-            dr=dr,
-            dr_ci_low=dr - half,
-            dr_ci_high=dr + half,
-            served_mean=t.reward_sum / n,
+    def _shadow_report(t: OffPolicyTotals) -> OffPolicyEstimate:
+        return from_sums(
+            t.shadow,
+            t.n,
+            weight_sum=t.weight_sum,
+            weighted_reward_sum=t.weighted_reward_sum,
+            dr_sum=t.dr_sum,
+            dr_sq_sum=t.dr_sq_sum,
+            reward_sum=t.reward_sum,
         )
 
     async def reset(self, user_id: str) -> tuple[int, int]:
