@@ -45,6 +45,11 @@ def test_defaults_env_and_flags() -> None:
         ({"OO_DEDUPE_WINDOW_S": "60"}, "24 h"),
         ({"OO_INGEST": "maybe"}, "OO_INGEST"),
         ({"OO_INGEST_BATCH": "10"}, "at least 100"),
+        ({"OO_RIDGE_LAMBDA": "nan"}, "OO_RIDGE_LAMBDA"),
+        ({"OO_REWARD_WINDOW_S": "nan"}, "OO_REWARD_WINDOW_S"),
+        ({"OO_DEFAULT_REWARD": "2"}, "OO_DEFAULT_REWARD"),
+        ({"OO_SNOOZED_REWARD": "nan"}, "OO_SNOOZED_REWARD"),
+        ({"OO_MAX_ARMS": "10"}, "OO_MAX_ARMS"),
     ],
 )
 def test_bad_settings_are_refused_with_their_name(env: dict[str, str], message: str) -> None:

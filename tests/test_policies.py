@@ -97,3 +97,17 @@ def test_feature_dimensions() -> None:
     feats = assemble(Inputs({}), {}, now=0.0)
     assert FEATURE_VERSIONS["v1"].vectorise(feats).shape == (7,)
     assert FEATURE_VERSIONS["v2"].vectorise(feats).shape == (12,)
+
+
+def test_arms_beyond_the_cap_evict_the_least_used_outside_the_request() -> None:
+    _, _, state = trained("egreedy")  # arms a, b, c, d, each used
+    state = state.with_arms(["new-1", "new-2"], max_arms=4)
+    assert set(state.arms) >= {"new-1", "new-2"} and len(state.arms) == 4
+    used = {
+        a: trained("egreedy")[2].arms[a].pulls + trained("egreedy")[2].arms[a].rewarded
+        for a in ARMS
+    }
+    kept = sorted(set(state.arms) - {"new-1", "new-2"})
+    assert kept == sorted(sorted(ARMS, key=lambda a: -used[a])[:2])
+    # The request's own arms are never evicted, even past the cap.
+    assert len(state.with_arms([*ARMS, "x"], max_arms=2).arms) == 5

@@ -129,3 +129,15 @@ async def test_a_caller_that_gives_up_does_not_break_the_store(sqlite_store: Sql
     assert await asyncio.wait_for(sqlite_store.commit([PutState("u", "p", 0, b"a")]), 5)
     assert await asyncio.wait_for(sqlite_store.get("u", "p"), 5) is not None
     assert await sqlite_store.get("gone", "p") is None  # cancelled before it ran: not applied
+
+
+async def test_pruning_forgets_old_rewarded_decisions_and_keeps_pending_ones(
+    sqlite_store: SqliteStore,
+) -> None:
+    await sqlite_store.commit([decision(1), decision(2), decision(3)])
+    await sqlite_store.commit([MarkRewarded("d1", 1.0, 100.0, "explicit")])
+    await sqlite_store.commit([MarkRewarded("d2", 1.0, 500.0, "explicit")])
+    assert await sqlite_store.prune_decisions(rewarded_before=200.0) == 1
+    assert await sqlite_store.get_decision("d1") is None
+    assert await sqlite_store.get_decision("d2") is not None
+    assert await sqlite_store.get_decision("d3") is not None  # pending: kept

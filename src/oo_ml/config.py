@@ -111,6 +111,16 @@ class ScoringConfig:
     ridge_lambda: float = setting(
         1.0, "OO_RIDGE_LAMBDA", "Ridge prior strength (A starts as lambda*I)."
     )
+    max_arms: int = setting(
+        256,
+        "OO_MAX_ARMS",
+        "Most arms one user's state keeps per policy; the least-used arm outside the request is dropped for a new one.",
+    )
+    decision_retention_s: float = setting(
+        30 * 86400.0,
+        "OO_DECISION_RETENTION_S",
+        "How long rewarded decisions stay in the log (aggregate and prompt-version Stats cover this span).",
+    )
     max_candidates: int = setting(
         MAX_CANDIDATES, "OO_MAX_CANDIDATES", "Most candidates one Score may carry (proto default)."
     )
@@ -187,26 +197,48 @@ class Config:
     llm: LLMConfig = field(default_factory=LLMConfig)
 
     def __post_init__(self) -> None:
+        # Comparisons are written so that NaN fails them: `not (x > 0)` is true for NaN.
         problems = []
         s = self.scoring
+
+        def reward_ok(r: float) -> bool:
+            return math.isfinite(r) and -1.0 <= r <= 1.0
+
         if not 0 <= s.epsilon <= 1:
             problems.append(f"OO_EPSILON must be in [0, 1] (got {s.epsilon})")
-        if s.ridge_lambda <= 0:
-            problems.append("OO_RIDGE_LAMBDA must be > 0")
+        for name, value in (
+            ("OO_RIDGE_LAMBDA", s.ridge_lambda),
+            ("OO_REWARD_WINDOW_S", s.reward_window_s),
+            ("OO_SWEEP_INTERVAL_S", s.sweep_interval_s),
+            ("OO_PRIOR_REFRESH_S", s.prior_refresh_s),
+            ("OO_DECISION_RETENTION_S", s.decision_retention_s),
+            ("OO_LLM_TIMEOUT_S", self.llm.timeout_s),
+        ):
+            if not (math.isfinite(value) and value > 0):
+                problems.append(f"{name} must be a finite number > 0 (got {value})")
+        for name, value in (
+            ("OO_LINUCB_ALPHA", s.linucb_alpha),
+            ("OO_THOMPSON_SCALE", s.thompson_scale),
+            ("OO_SHUTDOWN_GRACE_S", self.server.grace_s),
+        ):
+            if not (math.isfinite(value) and value >= 0):
+                problems.append(f"{name} must be a finite number >= 0 (got {value})")
         if s.max_candidates < 1:
             problems.append("OO_MAX_CANDIDATES must be >= 1")
-        if s.reward_window_s <= 0:
-            problems.append("OO_REWARD_WINDOW_S must be > 0")
-        if s.default_reward is not None and not math.isfinite(s.default_reward):
-            problems.append("OO_DEFAULT_REWARD must be finite or 'off'")
-        if self.ingest.dedupe_window_s < 86400:
+        if s.max_arms < s.max_candidates:
+            problems.append("OO_MAX_ARMS must be at least OO_MAX_CANDIDATES")
+        if s.default_reward is not None and not reward_ok(s.default_reward):
+            problems.append("OO_DEFAULT_REWARD must be in [-1, 1] or 'off'")
+        if not reward_ok(self.ingest.snoozed_reward):
+            problems.append("OO_SNOOZED_REWARD must be in [-1, 1]")
+        if not (self.ingest.dedupe_window_s >= 86400):
             problems.append("OO_DEDUPE_WINDOW_S must be at least 86400 (24 h)")
         if self.ingest.batch < 100:
             problems.append("OO_INGEST_BATCH must be at least 100")
         if self.ingest.max_deliver < 2:
             problems.append("OO_INGEST_MAX_DELIVER must be >= 2")
-        if self.llm.timeout_s <= 0 or self.llm.concurrency < 1:
-            problems.append("OO_LLM_TIMEOUT_S must be > 0 and OO_LLM_CONCURRENCY >= 1")
+        if self.llm.concurrency < 1 or self.llm.retries < 0:
+            problems.append("OO_LLM_CONCURRENCY must be >= 1 and OO_LLM_RETRIES >= 0")
         if problems:
             raise ValueError("; ".join(problems))
 

@@ -56,8 +56,10 @@ from oo_ml.store import (
 log = logging.getLogger(__name__)
 
 _CAS_ATTEMPTS = 8
-_PRIOR_SAMPLE = 5000
+# The most recently updated states a prior is computed from, per policy.
+_PRIOR_SAMPLE = 2000
 _SWEEP_BATCH = 500
+_SWEEP_CONCURRENCY = 32
 # The prompt-version bucket of curated fallback tips.
 FALLBACK_BUCKET = "fallback"
 
@@ -148,6 +150,10 @@ class StatsReport:
     @property
     def reward_sum(self) -> float:
         return sum(a.reward_sum for a in self.arms)
+
+    @property
+    def mean_reward(self) -> float:
+        return self.reward_sum / self.rewarded if self.rewarded else 0.0
 
 
 class DecisionListener(Protocol):
@@ -240,7 +246,7 @@ class ScoringEngine:
         async with self._user_lock(cmd.user_id):
             for _ in range(_CAS_ATTEMPTS):
                 revision, state = await self._load(cmd.user_id, policy)
-                state = state.with_arms(arms, self._priors.get(policy.name))
+                state = state.with_arms(arms, self._priors.get(policy.name), self.config.max_arms)
                 sel = policy.select(state, x, arms, rng_for(decision_id))
                 record = DecisionRecord(
                     decision_id=decision_id,
@@ -334,7 +340,7 @@ class ScoringEngine:
             if shadow.feature_version != record.feature_version:
                 vectors[shadow.feature_version] = x
             _, state = await self._load(record.user_id, shadow)
-            state = state.with_arms(arms, self._priors.get(shadow.name))
+            state = state.with_arms(arms, self._priors.get(shadow.name), self.config.max_arms)
             sel = shadow.select(state, x, arms, rng_for(record.decision_id, shadow.name))
             views.append(
                 ShadowView(
@@ -396,7 +402,7 @@ class ScoringEngine:
         writes: list[Write] = [MarkRewarded(record.decision_id, reward, now, source)]
         if served is not None:
             revision, state = await self._load(record.user_id, served)
-            state = state.with_arms([arm], self._priors.get(served.name))
+            state = state.with_arms([arm], self._priors.get(served.name), self.config.max_arms)
             learned = state.learned(arm, self._fit(record.x, state.dim), reward)
             writes.append(PutState(record.user_id, served.name, revision, encode_state(learned)))
         for view in record.shadows:
@@ -404,7 +410,7 @@ class ScoringEngine:
             if shadow is None:
                 continue
             revision, state = await self._load(record.user_id, shadow)
-            state = state.with_arms([arm], self._priors.get(shadow.name))
+            state = state.with_arms([arm], self._priors.get(shadow.name), self.config.max_arms)
             x = record.shadow_vectors.get(shadow.feature_version, record.x)
             # Learn from the served policy's data without counting it as the shadow's pull.
             model = state.arms[arm].learn(self._fit(x, state.dim), reward)
@@ -504,50 +510,63 @@ class ScoringEngine:
     # -- background -----------------------------------------------------------------------
 
     async def sweep_once(self, now: float | None = None) -> int:
-        """Give decisions unrewarded past the window the default reward. Returns how many."""
-        if self.config.default_reward is None:
+        """Give decisions unrewarded past the window the default reward. Returns how many.
+        Rewards run concurrently (bounded), so their commits share fsyncs."""
+        default = self.config.default_reward
+        if default is None:
             return 0
         now = self.clock() if now is None else now
+        slots = asyncio.Semaphore(_SWEEP_CONCURRENCY)
+
+        async def give(decision_id: str) -> bool:
+            async with slots:
+                try:
+                    return (
+                        await self.reward(decision_id, default, source="default", now=now)
+                    ).applied
+                except NotFound:  # reset meanwhile
+                    return False
+
         applied = 0
         while True:
             ids = await self.store.pending_before(now - self.config.reward_window_s, _SWEEP_BATCH)
-            for decision_id in ids:
-                try:
-                    result = await self.reward(
-                        decision_id, self.config.default_reward, source="default", now=now
-                    )
-                except NotFound:
-                    continue
-                applied += int(result.applied)
+            applied += sum(await asyncio.gather(*(give(d) for d in ids)))
             if len(ids) < _SWEEP_BATCH:
                 return applied
 
     async def refresh_priors(self) -> None:
         """Recompute each policy's population prior: per arm, the mean of the users' theta
-        weighted by how many rewards each user's arm has learned from."""
+        weighted by how many rewards each user's arm has learned from. Decoding runs on a
+        worker thread so the event loop keeps answering Score meanwhile."""
         for policy in self.policies.values():
             blobs = await self.store.policy_states(policy.name, _PRIOR_SAMPLE)
-            fv = FEATURE_VERSIONS[policy.feature_version]
-            sums: dict[str, tuple[Vector, float]] = {}
-            for blob in blobs:
-                state = decode_state(blob)
-                if state.dim != fv.dim:
-                    state = state.migrated(fv.name, fv.dim)
-                for arm, model in state.arms.items():
-                    if model.rewarded == 0:
-                        continue
-                    total, weight = sums.get(arm, (np.zeros(fv.dim), 0.0))
-                    sums[arm] = (total + model.rewarded * model.theta, weight + model.rewarded)
-            if not sums:
-                continue
-            lam = self.config.ridge_lambda
-            self._priors[policy.name] = PolicyState(
-                policy=policy.name,
-                feature_version=fv.name,
-                dim=fv.dim,
-                ridge_lambda=lam,
-                arms={a: ArmModel.fresh(fv.dim, lam, total / w) for a, (total, w) in sums.items()},
-            )
+            if blobs:
+                prior = await asyncio.to_thread(self._prior_of, policy, blobs)
+                if prior is not None:
+                    self._priors[policy.name] = prior
+
+    def _prior_of(self, policy: Policy, blobs: list[bytes]) -> PolicyState | None:
+        fv = FEATURE_VERSIONS[policy.feature_version]
+        sums: dict[str, tuple[Vector, float]] = {}
+        for blob in blobs:
+            state = decode_state(blob)
+            if state.dim != fv.dim:
+                state = state.migrated(fv.name, fv.dim)
+            for arm, model in state.arms.items():
+                if model.rewarded == 0:
+                    continue
+                total, weight = sums.get(arm, (np.zeros(fv.dim), 0.0))
+                sums[arm] = (total + model.rewarded * model.theta, weight + model.rewarded)
+        if not sums:
+            return None
+        lam = self.config.ridge_lambda
+        return PolicyState(
+            policy=policy.name,
+            feature_version=fv.name,
+            dim=fv.dim,
+            ridge_lambda=lam,
+            arms={a: ArmModel.fresh(fv.dim, lam, total / w) for a, (total, w) in sums.items()},
+        )
 
     async def run_background(self, stop: asyncio.Event) -> None:
         """The sweeper and the prior refresh, until stop is set. A failing round is logged
@@ -561,6 +580,9 @@ class ScoringEngine:
                     next_prior = t + self.config.prior_refresh_s
                 if t >= next_sweep:
                     await self.sweep_once()
+                    await self.store.prune_decisions(
+                        self.clock() - self.config.decision_retention_s
+                    )
                     next_sweep = t + self.config.sweep_interval_s
             except Exception:
                 self.background_failures += 1

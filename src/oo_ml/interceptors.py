@@ -18,6 +18,7 @@ import hmac
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -143,18 +144,8 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
             inner: Any = handler.unary_unary
 
             async def unary(request: Any, context: Context) -> Any:
-                started, code = time.perf_counter(), "OK"
-                try:
-                    self._authorize(method, metadata)
-                    async with asyncio.timeout(self._budget(context)):
-                        return await inner(request, context)
-                except Exception as e:
-                    code = _code_name(e)
-                    if _is_abort(e):
-                        raise
-                    await self._fail(context, e)
-                finally:
-                    self._count(method, code, started)
+                async with self._guard(method, metadata, context, cancel_at_deadline=True):
+                    return await inner(request, context)
 
             return grpc.unary_unary_rpc_method_handler(
                 unary,
@@ -166,19 +157,11 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
             inner_stream: Any = handler.unary_stream
 
             async def stream(request: Any, context: Context) -> AsyncIterator[Any]:
-                started, code = time.perf_counter(), "OK"
-                try:
-                    self._authorize(method, metadata)
-                    async with asyncio.timeout(self._budget(context)):
-                        async for item in inner_stream(request, context):
-                            yield item
-                except Exception as e:
-                    code = _code_name(e)
-                    if _is_abort(e):
-                        raise
-                    await self._fail(context, e)
-                finally:
-                    self._count(method, code, started)
+                # No timeout around a stream: it would span the yields, and a cancel landing
+                # in grpc's write reads as CANCELLED. grpc.aio ends a stream at its deadline.
+                async with self._guard(method, metadata, context, cancel_at_deadline=False):
+                    async for item in inner_stream(request, context):
+                        yield item
 
             return grpc.unary_stream_rpc_method_handler(
                 stream,
@@ -186,6 +169,33 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
                 response_serializer=handler.response_serializer,
             )
         return handler
+
+    @asynccontextmanager
+    async def _guard(
+        self,
+        method: str,
+        metadata: tuple[tuple[str, str | bytes], ...],
+        context: Context,
+        *,
+        cancel_at_deadline: bool,
+    ) -> AsyncIterator[None]:
+        """Auth, deadline, metrics and error mapping around one call."""
+        started, code = time.perf_counter(), "OK"
+        try:
+            self._authorize(method, metadata)
+            budget = self._budget(context)
+            if cancel_at_deadline:
+                async with asyncio.timeout(budget):
+                    yield
+            else:
+                yield
+        except Exception as e:
+            code = _code_name(e)
+            if _is_abort(e):
+                raise
+            await self._fail(context, e)
+        finally:
+            self._count(method, code, started)
 
 
 def _code_name(e: BaseException) -> str:

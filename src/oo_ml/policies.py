@@ -59,6 +59,11 @@ def estimates(state: PolicyState, x: Vector, arms: Sequence[str]) -> npt.NDArray
     return np.array([float(state.arms[a].theta @ x) for a in arms], dtype=np.float64)
 
 
+def widths(state: PolicyState, x: Vector, arms: Sequence[str]) -> npt.NDArray[np.float64]:
+    """Each arm's sqrt(x' A^-1 x): the confidence width of its estimate at x."""
+    return np.array([float(np.sqrt(max(x @ state.arms[a].a_inv @ x, 0.0))) for a in arms])
+
+
 def _greedy(scores: npt.NDArray[np.float64]) -> npt.NDArray[np.intp]:
     return np.flatnonzero(scores >= scores.max() - _TIE)
 
@@ -108,8 +113,7 @@ class LinUCB:
         self, state: PolicyState, x: Vector, arms: Sequence[str], rng: np.random.Generator
     ) -> Selection:
         mean = estimates(state, x, arms)
-        width = np.array([float(np.sqrt(max(x @ state.arms[a].a_inv @ x, 0.0))) for a in arms])
-        ucb = mean + self.alpha * width
+        ucb = mean + self.alpha * widths(state, x, arms)
         chosen, props = _argmax_with_ties(ucb, rng)
         return Selection(
             chosen=chosen,
@@ -133,9 +137,7 @@ class LinearThompson:
         mean = estimates(state, x, arms)
         # theta_a ~ N(A^-1 b, v^2 A^-1) gives x.theta_a ~ N(mean_a, v^2 x'A^-1 x): sampling the
         # scalar is exact and needs no Cholesky factor.
-        sd = np.array(
-            [self.scale * float(np.sqrt(max(x @ state.arms[a].a_inv @ x, 0.0))) for a in arms]
-        )
+        sd = self.scale * widths(state, x, arms)
         draws = mean + sd * rng.standard_normal((_TS_DRAWS, len(arms)))
         winners = draws.argmax(axis=1)
         chosen = int(winners[0])

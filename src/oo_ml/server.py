@@ -13,7 +13,6 @@ harmless. Nothing acknowledged is lost: an answer is only sent after its commit.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
 from dataclasses import dataclass, field
@@ -185,5 +184,7 @@ async def serve(config: Config) -> None:
         await stop.wait()
         log.info("signal received: draining")
     finally:
-        with contextlib.suppress(Exception):
+        try:
             await app.stop()
+        except Exception:
+            log.exception("shutdown did not complete cleanly")

@@ -56,7 +56,7 @@ def stats_response(r: StatsReport) -> scoring_pb2.StatsResponse:
         decisions=r.decisions,
         rewarded=r.rewarded,
         reward_sum=r.reward_sum,
-        mean_reward=r.reward_sum / r.rewarded if r.rewarded else 0.0,
+        mean_reward=r.mean_reward,
         arms=[
             scoring_pb2.ArmStats(
                 arm=a.arm,

@@ -99,6 +99,8 @@ _MIGRATIONS: list[str] = [
         created_at REAL NOT NULL
     );
     """,
+    # The prior refresh reads the most recently updated states of a policy.
+    "CREATE INDEX state_policy_updated ON state (policy, updated_at);",
 ]
 
 
@@ -449,6 +451,17 @@ class SqliteStore:
             return int(row[0])
 
         return await self.db.read(q)
+
+    async def prune_decisions(self, rewarded_before: float) -> int:
+        def tx(conn: sqlite3.Connection) -> int:
+            n = conn.execute(
+                "DELETE FROM decisions WHERE reward IS NOT NULL AND rewarded_at < ?",
+                (rewarded_before,),
+            ).rowcount
+            conn.execute("DELETE FROM generations WHERE created_at < ?", (rewarded_before,))
+            return n
+
+        return await self.db.run(tx)
 
     async def record_generation(self, g: GenerationRecord) -> None:
         def tx(conn: sqlite3.Connection) -> None:

@@ -80,8 +80,12 @@ class PolicyState:
     rewards: int = 0
     arms: dict[str, ArmModel] = field(default_factory=dict)
 
-    def with_arms(self, arms: list[str], prior: PolicyState | None = None) -> PolicyState:
-        """Add the arms this state has not seen, each starting from the population prior."""
+    def with_arms(
+        self, arms: list[str], prior: PolicyState | None = None, max_arms: int | None = None
+    ) -> PolicyState:
+        """Add the arms this state has not seen, each starting from the population prior.
+        Beyond max_arms, the least-used arms not in `arms` are dropped: arm names come
+        from clients, and every arm costs a D x D matrix on every read and write."""
         missing = [a for a in arms if a not in self.arms]
         if not missing:
             return self
@@ -91,6 +95,13 @@ class PolicyState:
             if prior is not None and a in prior.arms and prior.dim == self.dim:
                 theta0 = prior.arms[a].theta
             new[a] = ArmModel.fresh(self.dim, self.ridge_lambda, theta0)
+        if max_arms is not None and len(new) > max_arms:
+            wanted = set(arms)
+            spare = sorted(
+                (a for a in new if a not in wanted), key=lambda a: new[a].pulls + new[a].rewarded
+            )
+            for a in spare[: len(new) - max_arms]:
+                del new[a]
         return replace(self, arms=new)
 
     def chose(self, arm: str) -> PolicyState:
