@@ -185,7 +185,6 @@ class Ingesting:
 
         profiles = ProfileStore(self.store.db, 86400)
         totals = await profiles.totals()
-        await profiles.close()
         await self.store.close()
         if totals["views"] != expected or totals["applied_events"] != expected:
             raise SystemExit(f"expected {expected} events applied once each, found {totals}")
