@@ -38,7 +38,7 @@ from oo_ml.features import (
 )
 from oo_ml.gate import OffPolicyEstimate, from_sums, sample_terms
 from oo_ml.policies import Policy, build_policies, estimates
-from oo_ml.state import ArmModel, PolicyState, empty_state
+from oo_ml.state import PolicyState, empty_state, population_prior
 from oo_ml.state_codec import decode_decision, decode_state, encode_decision, encode_state
 from oo_ml.store import (
     AddOffPolicy,
@@ -547,25 +547,13 @@ class ScoringEngine:
 
     def _prior_of(self, policy: Policy, blobs: list[bytes]) -> PolicyState | None:
         fv = FEATURE_VERSIONS[policy.feature_version]
-        sums: dict[str, tuple[Vector, float]] = {}
-        for blob in blobs:
-            state = decode_state(blob)
-            if state.dim != fv.dim:
-                state = state.migrated(fv.name, fv.dim)
-            for arm, model in state.arms.items():
-                if model.rewarded == 0:
-                    continue
-                total, weight = sums.get(arm, (np.zeros(fv.dim), 0.0))
-                sums[arm] = (total + model.rewarded * model.theta, weight + model.rewarded)
-        if not sums:
-            return None
-        lam = self.config.ridge_lambda
-        return PolicyState(
-            policy=policy.name,
-            feature_version=fv.name,
-            dim=fv.dim,
-            ridge_lambda=lam,
-            arms={a: ArmModel.fresh(fv.dim, lam, total / w) for a, (total, w) in sums.items()},
+        states = (decode_state(blob) for blob in blobs)
+        return population_prior(
+            (st if st.dim == fv.dim else st.migrated(fv.name, fv.dim) for st in states),
+            policy.name,
+            fv.name,
+            fv.dim,
+            self.config.ridge_lambda,
         )
 
     async def run_background(self, stop: asyncio.Event) -> None:

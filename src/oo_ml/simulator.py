@@ -57,7 +57,7 @@ from oo_ml.config import ScoringConfig
 from oo_ml.engine import rng_for
 from oo_ml.features import FEATURE_VERSIONS, Inputs, Vector, assemble
 from oo_ml.policies import Policy, build_policies, estimates
-from oo_ml.state import ArmModel, PolicyState, empty_state
+from oo_ml.state import PolicyState, empty_state, population_prior
 
 ARMS: tuple[str, ...] = ("focus", "break", "plan", "review")
 ORACLE = "oracle"
@@ -253,30 +253,6 @@ def user_id(u: int) -> str:
     return f"user{u}"
 
 
-def population_prior(
-    policy: Policy, states: Iterable[PolicyState], ridge_lambda: float
-) -> PolicyState | None:
-    """The engine's prior rule (`ScoringEngine.refresh_priors`): per arm, the users' theta
-    averaged with weights = rewards each user's arm learned from."""
-    fv = FEATURE_VERSIONS[policy.feature_version]
-    sums: dict[str, tuple[Vector, float]] = {}
-    for state in states:
-        for arm, model in state.arms.items():
-            if model.rewarded == 0:
-                continue
-            total, weight = sums.get(arm, (np.zeros(fv.dim), 0.0))
-            sums[arm] = (total + model.rewarded * model.theta, weight + model.rewarded)
-    if not sums:
-        return None
-    return PolicyState(
-        policy=policy.name,
-        feature_version=fv.name,
-        dim=fv.dim,
-        ridge_lambda=ridge_lambda,
-        arms={a: ArmModel.fresh(fv.dim, ridge_lambda, total / w) for a, (total, w) in sums.items()},
-    )
-
-
 @dataclass(slots=True)
 class _Tally:
     decisions: int = 0
@@ -351,7 +327,11 @@ def _run_policy(
     arms = list(ARMS)
     for r in range(cfg.rounds):
         if cfg.prior_every and r and r % cfg.prior_every == 0:
-            prior = population_prior(policy, states.values(), ridge_lambda) or prior
+            fv = FEATURE_VERSIONS[policy.feature_version]
+            prior = (
+                population_prior(states.values(), policy.name, fv.name, fv.dim, ridge_lambda)
+                or prior
+            )
         for u in range(cfg.users):
             if r < world.joined[u]:
                 continue

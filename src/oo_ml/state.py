@@ -8,6 +8,7 @@ failed compare-and-set never leaves a half-applied model in memory. Persisted fo
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -130,4 +131,28 @@ class PolicyState:
 def empty_state(policy: str, feature_version: str, dim: int, ridge_lambda: float) -> PolicyState:
     return PolicyState(
         policy=policy, feature_version=feature_version, dim=dim, ridge_lambda=ridge_lambda
+    )
+
+
+def population_prior(
+    states: Iterable[PolicyState], policy: str, feature_version: str, dim: int, ridge_lambda: float
+) -> PolicyState | None:
+    """The population prior of a policy: per arm, the users' theta averaged with weights =
+    the rewards each user's arm learned from. None when no arm has learned anything.
+    Its arms start new users at A = lambda*I, b = lambda*theta (see `ArmModel.fresh`)."""
+    sums: dict[str, tuple[Vector, float]] = {}
+    for state in states:
+        for arm, model in state.arms.items():
+            if model.rewarded == 0:
+                continue
+            total, weight = sums.get(arm, (np.zeros(dim), 0.0))
+            sums[arm] = (total + model.rewarded * model.theta, weight + model.rewarded)
+    if not sums:
+        return None
+    return PolicyState(
+        policy=policy,
+        feature_version=feature_version,
+        dim=dim,
+        ridge_lambda=ridge_lambda,
+        arms={a: ArmModel.fresh(dim, ridge_lambda, total / w) for a, (total, w) in sums.items()},
     )
