@@ -219,6 +219,10 @@ async def test_profile_features_over_exact_30_day_buckets(profiles: ProfileStore
     assert stored["mean_dwell_ms_30d"].value == 3000
     assert stored["mean_dwell_ms_30d"].updated_at == NOW - 100
     assert stored["preferred_hour"].value == 9
+    # Given in the request's zone, like hour_of_day: 09:00 UTC is 18:00 in Tokyo, 04:00 in
+    # New York (EST in this season), and 14:00 in Kolkata (+05:30: the local hour it falls in).
+    for tz, local in (("Asia/Tokyo", 18), ("America/New_York", 4), ("Asia/Kolkata", 14)):
+        assert (await profiles.stored_features("u1", NOW, tz))["preferred_hour"].value == local
     assert "tip_volume_30d" not in stored  # nothing served: the contract's fallback applies
     assert "open_tasks" not in stored
 

@@ -231,7 +231,8 @@ class ScoringEngine:
     async def assemble(self, user_id: str, inputs: Inputs) -> Assembled:
         """The request's values, completed from the stores and the contracts' fallbacks."""
         now = self.clock()
-        return assemble(inputs, await self.features.stored_features(user_id, now), now)
+        stored = await self.features.stored_features(user_id, now, inputs.timezone)
+        return assemble(inputs, stored, now)
 
     # -- Score ----------------------------------------------------------------------------
 

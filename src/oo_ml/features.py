@@ -49,15 +49,20 @@ class StoredValue:
 
 
 class FeatureStore(Protocol):
-    """Supplies stored task-context and profile values, keyed by feature name."""
+    """Supplies stored task-context and profile values, keyed by feature name. Hour-valued
+    features come in the given IANA timezone (UTC when empty), like the request's context."""
 
-    async def stored_features(self, user_id: str, now: float) -> Mapping[str, StoredValue]: ...
+    async def stored_features(
+        self, user_id: str, now: float, timezone: str = ""
+    ) -> Mapping[str, StoredValue]: ...
 
 
 class NoStoredFeatures:
     """A FeatureStore with nothing in it (ingest off, or tests)."""
 
-    async def stored_features(self, user_id: str, now: float) -> Mapping[str, StoredValue]:
+    async def stored_features(
+        self, user_id: str, now: float, timezone: str = ""
+    ) -> Mapping[str, StoredValue]:
         return {}
 
 
@@ -103,12 +108,19 @@ class Assembled:
 
 
 @cache
-def _zone(name: str) -> zoneinfo.ZoneInfo:
+def zone(name: str) -> zoneinfo.ZoneInfo:
+    """The IANA zone of that name; UTC for an empty name."""
     return zoneinfo.ZoneInfo(name or "UTC")
 
 
+def utc_offset_minutes(tz: str, now: float) -> int:
+    """The zone's offset from UTC at that instant, in minutes."""
+    offset = datetime.fromtimestamp(now, UTC).astimezone(zone(tz)).utcoffset()
+    return int(offset.total_seconds() // 60) if offset is not None else 0
+
+
 def _clock_value(name: str, now: float, tz: str) -> float | None:
-    local = datetime.fromtimestamp(now, UTC).astimezone(_zone(tz))
+    local = datetime.fromtimestamp(now, UTC).astimezone(zone(tz))
     if name == "hour_of_day":
         return float(local.hour)
     if name == "day_of_week":

@@ -29,7 +29,7 @@ from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 from oo_ml.contracts import ALL_FEATURES
-from oo_ml.features import StoredValue, TaskView
+from oo_ml.features import StoredValue, TaskView, utc_offset_minutes
 from oo_ml.ingest.decode import Event
 from oo_ml.ingest.profile_writes import DAY_S, applied_among, day_of, plan_batch, record_events
 from oo_ml.sqlite_store import SqliteDB
@@ -225,8 +225,17 @@ class ProfileStore:
 
     # -- FeatureStore / TaskSource ----------------------------------------------------------
 
-    async def stored_features(self, user_id: str, now: float) -> dict[str, StoredValue]:
-        return await self._read(lambda conn: _stored_features(conn, user_id, now))
+    async def stored_features(
+        self, user_id: str, now: float, timezone: str = ""
+    ) -> dict[str, StoredValue]:
+        stored = await self._read(lambda conn: _stored_features(conn, user_id, now))
+        hour = stored.get(PREFERRED_HOUR)
+        if hour is not None and timezone:
+            # Completions are bucketed by UTC hour; the request's hour_of_day is local, and
+            # v2 compares the two, so the preferred hour is given in the request's zone.
+            local = (hour.value * 60 + utc_offset_minutes(timezone, now)) // 60 % 24
+            stored[PREFERRED_HOUR] = StoredValue(float(local), hour.updated_at)
+        return stored
 
     async def open_tasks(self, user_id: str, now: float, limit: int) -> list[TaskView]:
         """Open tasks, overdue first, then by due time and priority. Empty when the last
