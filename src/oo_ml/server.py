@@ -16,7 +16,6 @@ import asyncio
 import logging
 import signal
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -37,15 +36,6 @@ from oo_ml.sqlite_store import SqliteStore
 log = logging.getLogger(__name__)
 
 DB_FILE = "oo-ml.db"
-INGEST_HEALTH = "oo.ingest"
-
-
-class Component(Protocol):
-    """Something the supervisor starts after the engine and stops before the store."""
-
-    async def start(self) -> None: ...
-
-    async def stop(self) -> None: ...
 
 
 @dataclass
@@ -58,7 +48,6 @@ class App:
     _server: grpc.aio.Server | None = None
     _stop_bg: asyncio.Event = field(default_factory=asyncio.Event)
     _bg: asyncio.Task[None] | None = None
-    _components: list[Component] = field(default_factory=list)
     ingest: Ingest | None = None
     _stopped: bool = False
     metrics: Metrics = field(default_factory=Metrics)
@@ -77,7 +66,6 @@ class App:
         generator = self._make_generator(tasks)
         if ingest is not None:
             ingest.attach(self.engine)
-            self._components.append(ingest)
             self.ingest = ingest
 
         server = grpc.aio.server(
@@ -124,8 +112,8 @@ class App:
                 self.metrics, cfg.server.host, cfg.server.metrics_port
             )
             await self._metrics_endpoint.start()
-        for component in self._components:
-            await component.start()
+        if self.ingest is not None:
+            await self.ingest.start()
         await server.start()
         self._server = server
         for name in ("", SERVICE):
@@ -161,8 +149,8 @@ class App:
             await self._bg
         if self.engine is not None:
             await self.engine.drain()
-        for component in reversed(self._components):
-            await component.stop()
+        if self.ingest is not None:
+            await self.ingest.stop()
         if self.store is not None:
             await self.store.close()
         if self._metrics_endpoint is not None:
