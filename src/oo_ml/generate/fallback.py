@@ -16,6 +16,7 @@ import re
 from collections.abc import Mapping, Sequence
 
 from oo_ml.features import Assembled
+from oo_ml.generate.prompts import part_of_day
 
 MANY_OPEN_TASKS = 8
 
@@ -68,13 +69,7 @@ def situation(features: Assembled) -> str:
         return "many_open"
     if f["open_tasks"] < 1:
         return "no_tasks"
-    if 5 <= hour < 12:
-        return "morning"
-    if 12 <= hour < 17:
-        return "afternoon"
-    if 17 <= hour < 22:
-        return "evening"
-    return "night"
+    return part_of_day(hour)
 
 
 def pick_fallback(features: Assembled) -> str:
