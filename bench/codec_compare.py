@@ -50,7 +50,7 @@ BP2_PACKAGE = "_bp2gen"
 
 # Field values chosen so the serialized Envelope is 105 bytes.
 EVENT_ID = "01JD7X4K9QF2M8W3R5T6Y7Z8AB"
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "v1"
 PRODUCER = "ios/4.2.0"
 OCCURRED_SECONDS = 1_795_345_200
 OCCURRED_NANOS = 123_000_000

@@ -49,7 +49,7 @@ USERS = 1000
 def viewed(i: int, run: str) -> bytes:
     env = envelope_pb2.Envelope(
         event_id=f"{run}-{i}",
-        schema_version="1",
+        schema_version="v1",
         producer="bench",
         user_id=f"user-{i % USERS}",
         tip_viewed=signals_pb2.TipViewed(tip_id=f"tip-{i % 7}", dwell_ms=1000 + i % 5000),

@@ -42,7 +42,7 @@ def envelope(
     """An Envelope with one payload, e.g. envelope("e1", tip_viewed=TipViewed(...))."""
     return envelope_pb2.Envelope(
         event_id=event_id,
-        schema_version="1",
+        schema_version="v1",
         producer="tests",
         occurred_at=timestamp(at),
         user_id=user_id,

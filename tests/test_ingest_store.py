@@ -16,7 +16,15 @@ from oo_ml.engine import RewardResult
 from oo_ml.errors import NotFound
 from oo_ml.features import Inputs, Origin, assemble
 from oo_ml.ingest.counters import IngestCounters
-from oo_ml.ingest.decode import BadEvent, Event, TipServed, UnknownKind, decode
+from oo_ml.ingest.decode import (
+    Action,
+    BadEvent,
+    Event,
+    TipFeedback,
+    TipServed,
+    UnknownKind,
+    decode,
+)
 from oo_ml.ingest.effects import Applier, Outcome
 from oo_ml.ingest.profile_store import ProfileStore
 from oo_ml.ingest.profile_writes import DAY_S
@@ -102,7 +110,7 @@ def test_decode_binary_and_json_give_the_same_event() -> None:
             JSON_HEADERS,
             "unparseable JSON",
         ),
-        (schema_9(), None, "schema_version '9'"),
+        (schema_9(), None, r"unknown schema_version '9' \(known: 1, v1\)"),
         (feedback("", "d").SerializeToString(), None, "event_id: is required"),
         (feedback("e", "d", action=0).SerializeToString(), None, "tip_feedback.action"),
     ],
@@ -113,6 +121,15 @@ def test_decode_rejects_with_a_reason(
 ) -> None:
     with pytest.raises(BadEvent, match=reason):
         decode(data, headers)
+
+
+@pytest.mark.parametrize("version", ["v1", "1"])
+def test_decode_accepts_v1_and_its_legacy_alias(version: str) -> None:
+    # "v1" is what the producers write; "1" is what oo-ml published before (ADR 0009).
+    env = feedback("e1", "d1", COMPLETED, at=NOW)
+    env.schema_version = version
+    event = decode(env.SerializeToString())
+    assert isinstance(event, Event) and event.payload == TipFeedback("d1", "t", Action.COMPLETED, 0)
 
 
 def test_decode_without_a_known_payload_is_an_unknown_kind() -> None:

@@ -52,7 +52,7 @@ def reward_request() -> scoring_pb2.RewardRequest:
 def envelope() -> envelope_pb2.Envelope:
     return envelope_pb2.Envelope(
         event_id="evt-1",
-        schema_version="1",
+        schema_version="v1",
         producer="app",
         occurred_at=Timestamp(seconds=1_700_000_000),
         user_id="user-1",

@@ -27,7 +27,11 @@ from oo.events.v1 import envelope_pb2, signals_pb2
 from oo_ml.errors import InvalidArgument
 from oo_ml.validation import validate
 
-KNOWN_SCHEMA_VERSIONS = frozenset({"1"})
+# "v1" is what the producers write (the schema package's version; a breaking change bumps
+# it to "v2"). "1" is an alias kept for the TipServed events oo-ml itself published before
+# it wrote "v1" (ADR 0009); anything else is dead-lettered with this list in the reason.
+CURRENT_SCHEMA_VERSION = "v1"
+KNOWN_SCHEMA_VERSIONS = frozenset({CURRENT_SCHEMA_VERSION, "1"})
 JSON_CONTENT_TYPE = "application/json"
 
 

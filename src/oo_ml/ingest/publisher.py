@@ -25,12 +25,12 @@ from nats.js import JetStreamContext, api
 from oo.events.v1 import envelope_pb2, signals_pb2
 from oo_ml.decisions import DecisionRecord
 from oo_ml.ingest.counters import IngestCounters
+from oo_ml.ingest.decode import CURRENT_SCHEMA_VERSION
 
 log = logging.getLogger(__name__)
 
 SUBJECT = "signals.tip.served"
 PRODUCER = "oo-ml"
-SCHEMA_VERSION = "1"
 _BATCH = 256
 
 T = TypeVar("T")
@@ -57,7 +57,7 @@ def served_envelope(record: DecisionRecord) -> envelope_pb2.Envelope:
     ts.FromNanoseconds(int(record.created_at * 1e9))
     return envelope_pb2.Envelope(
         event_id=served_event_id(record.decision_id),
-        schema_version=SCHEMA_VERSION,
+        schema_version=CURRENT_SCHEMA_VERSION,
         producer=PRODUCER,
         occurred_at=ts,
         user_id=record.user_id,

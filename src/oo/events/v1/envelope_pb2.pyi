@@ -42,7 +42,11 @@ class Envelope(_message.Message):
     event_id: _builtins.str
     """Idempotency key: an event_id takes effect once."""
     schema_version: _builtins.str
-    """The envelope schema version, "1" today; unknown versions are dead-lettered."""
+    """The envelope schema version: "v1" today, the package's own version, which
+    producers bump to "v2" on a breaking change. "1" is accepted as an alias of
+    "v1" (events oo-ml itself published before it wrote "v1"); any other value
+    is dead-lettered with the known versions in the reason.
+    """
     producer: _builtins.str
     user_id: _builtins.str
     @_builtins.property
