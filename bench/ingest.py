@@ -148,7 +148,7 @@ class Ingesting:
 
     def __init__(self, url: str, batch: int, data_dir: Path) -> None:
         from oo_ml import config as config_mod
-        from oo_ml.sqlite_store import SqliteStore
+        from oo_ml.stores.sqlite.db import SqliteStore
 
         env = {"OO_DATA_DIR": str(data_dir), "OO_NATS_URL": url, "OO_INGEST_BATCH": str(batch)}
         self.url = url
@@ -156,7 +156,7 @@ class Ingesting:
         self.store = SqliteStore.open(data_dir / "oo-ml.db")
 
     async def started(self) -> Ingest:
-        from oo_ml.engine import ScoringEngine
+        from oo_ml.domain.engine.scoring import ScoringEngine
         from oo_ml.ingest.runner import Ingest, IngestTuning
 
         ingest = Ingest(self.config, self.store, None, tuning=IngestTuning(fetch_timeout_s=0.5))
@@ -181,7 +181,7 @@ class Ingesting:
         return rate
 
     async def close(self, expected: int) -> None:
-        from oo_ml.ingest.profile_store import ProfileStore
+        from oo_ml.stores.sqlite.profiles import ProfileStore
 
         profiles = ProfileStore(self.store.db, 86400)
         totals = await profiles.totals()

@@ -12,7 +12,7 @@ import pytest
 
 from oo.scoring.v1 import scoring_pb2_grpc
 from oo_ml import config as config_mod
-from oo_ml.server import App
+from oo_ml.app.supervisor import App
 
 
 @dataclass

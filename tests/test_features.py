@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from oo_ml.contracts import ALL_FEATURES
-from oo_ml.features import Inputs, Origin, StoredValue, assemble
+from oo_ml.domain.features import Inputs, Origin, StoredValue, assemble
+from oo_ml.schema.contracts import ALL_FEATURES
 
 # Sunday 2026-11-22 23:30 UTC
 NOW = datetime(2026, 11, 22, 23, 30, tzinfo=UTC).timestamp()

@@ -21,8 +21,8 @@ import pytest
 
 from oo_ml import config as config_mod
 from oo_ml.config import LLMConfig
+from oo_ml.domain.features import Assembled, Inputs, TaskView, assemble
 from oo_ml.errors import InvalidArgument
-from oo_ml.features import Assembled, Inputs, TaskView, assemble
 from oo_ml.generate import (
     REGISTRY,
     Generation,

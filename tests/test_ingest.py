@@ -21,15 +21,15 @@ from nats.js import JetStreamContext, api
 from oo.events.v1 import envelope_pb2, signals_pb2
 from oo.scoring.v1 import scoring_pb2 as pb
 from oo_ml import config as config_mod
-from oo_ml.engine import Candidate, RewardResult, ScoreCommand, ScoringEngine
+from oo_ml.domain.engine.scoring import Candidate, RewardResult, ScoreCommand, ScoringEngine
+from oo_ml.domain.features import Inputs, Origin
+from oo_ml.edge.service import feature_values
 from oo_ml.errors import TransientStoreError
-from oo_ml.features import Inputs, Origin
 from oo_ml.ingest import dead_letters as dlq
 from oo_ml.ingest.nats_server import LocalNatsServer
 from oo_ml.ingest.runner import HEALTH_SERVICE, Engine, Ingest, IngestTuning
 from oo_ml.ingest.streams import IncompatibleStream
-from oo_ml.service import feature_values
-from oo_ml.sqlite_store import SqliteStore
+from oo_ml.stores.sqlite.db import SqliteStore
 from tests.helpers import assert_eventually
 from tests.natsfix import (
     COMPLETED,

@@ -11,10 +11,10 @@ import pytest
 
 from oo.events.v1 import signals_pb2
 from oo_ml.config import IngestConfig
-from oo_ml.decisions import DecisionRecord, LoggedCandidate
-from oo_ml.engine import RewardResult
+from oo_ml.domain.decisions import DecisionRecord, LoggedCandidate
+from oo_ml.domain.engine.scoring import RewardResult
+from oo_ml.domain.features import Inputs, Origin, assemble
 from oo_ml.errors import NotFound
-from oo_ml.features import Inputs, Origin, assemble
 from oo_ml.ingest.counters import IngestCounters
 from oo_ml.ingest.decode import (
     Action,
@@ -26,11 +26,11 @@ from oo_ml.ingest.decode import (
     decode,
 )
 from oo_ml.ingest.effects import Applier, Outcome
-from oo_ml.ingest.profile_store import ProfileStore
-from oo_ml.ingest.profile_writes import DAY_S
 from oo_ml.ingest.publisher import ServePublisher, served_envelope
 from oo_ml.ingest.streams import backoff_schedule, subject_covers
-from oo_ml.sqlite_store import SqliteDB
+from oo_ml.stores.sqlite.db import SqliteDB
+from oo_ml.stores.sqlite.profile_writes import DAY_S
+from oo_ml.stores.sqlite.profiles import ProfileStore
 from tests.natsfix import (
     COMPLETED,
     DISMISSED,

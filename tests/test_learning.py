@@ -8,9 +8,9 @@ from pathlib import Path
 
 from oo.scoring.v1 import scoring_pb2 as pb
 from oo_ml import config as config_mod
-from oo_ml.engine import Candidate, ScoreCommand, ScoringEngine
-from oo_ml.features import Inputs, NoStoredFeatures
-from oo_ml.sqlite_store import SqliteStore
+from oo_ml.domain.engine.scoring import Candidate, ScoreCommand, ScoringEngine
+from oo_ml.domain.features import Inputs, NoStoredFeatures
+from oo_ml.stores.sqlite.db import SqliteStore
 from tests.conftest import Running
 
 ARMS = ["focus", "break", "plan", "review"]

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 
 from oo_ml import config as config_mod
-from oo_ml.engine import rng_for
-from oo_ml.features import FEATURE_VERSIONS, Inputs, assemble
-from oo_ml.policies import build_policies
-from oo_ml.state import ArmModel, empty_state
-from oo_ml.state_codec import decode_state, encode_state
+from oo_ml.domain.engine.scoring import rng_for
+from oo_ml.domain.features import FEATURE_VERSIONS, Inputs, assemble
+from oo_ml.domain.policies import build_policies
+from oo_ml.domain.state import ArmModel, empty_state
+from oo_ml.stores.codec import decode_state, encode_state
 
 POLICIES = build_policies(config_mod.load(env={}).scoring)
 ARMS = ["a", "b", "c", "d"]

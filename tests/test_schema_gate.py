@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 
 from oo.scoring.v1 import scoring_pb2
-from oo_ml.contracts import ALL_FEATURES
-from oo_ml.validation import violations
+from oo_ml.schema.contracts import ALL_FEATURES
+from oo_ml.schema.validation import violations
 
 ROOT = Path(__file__).resolve().parent.parent
 BUF = Path(sys.executable).parent / "buf"
@@ -130,9 +130,9 @@ def test_breaking_catches_field_renumber(workspace: Path) -> None:
 
 _DUMP_CONTRACTS = """
 import dataclasses, json
-import oo, oo_ml.contracts as c
+import oo, oo_ml.schema.contracts as c
 from oo.scoring.v1 import scoring_pb2
-from oo_ml.validation import violations
+from oo_ml.schema.validation import violations
 
 def dump(f):
     return {**dataclasses.asdict(f), "dtype": f.dtype.name, "source": f.source.name}
@@ -178,7 +178,7 @@ def test_option_edit_reaches_python_without_python_edit(workspace: Path) -> None
     # gen/ first, so its `oo` shadows the committed src/oo; oo_ml itself is unchanged.
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(gen), str(ROOT / "src")])}
     proc = _run([sys.executable, "-c", _DUMP_CONTRACTS], cwd=workspace, env=env)
-    assert proc.returncode == 0, f"importing oo_ml.contracts failed:\n{proc.stderr}"
+    assert proc.returncode == 0, f"importing oo_ml.schema.contracts failed:\n{proc.stderr}"
     got = json.loads(proc.stdout.splitlines()[-1])
 
     assert Path(got["oo_file"]).is_relative_to(gen), f"oo was not shadowed: {got['oo_file']}"

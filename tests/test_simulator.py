@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 
 from oo.scoring.v1 import scoring_pb2 as pb
-from oo_ml import cli, gate
-from oo_ml.simulator import (
+from oo_ml import cli
+from oo_ml.domain import ope as gate
+from oo_ml.sim.runner import (
     ARMS,
     SimulationConfig,
     SimulationResult,

@@ -10,9 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from oo_ml.decisions import RewardState
-from oo_ml.sqlite_store import SqliteStore
-from oo_ml.store import (
+from oo_ml.domain.decisions import RewardState
+from oo_ml.stores.ports import (
     Conflict,
     InsertDecision,
     MarkRewarded,
@@ -20,6 +19,7 @@ from oo_ml.store import (
     PutState,
     StateStore,
 )
+from oo_ml.stores.sqlite.db import SqliteStore
 
 
 @pytest.fixture

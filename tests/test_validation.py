@@ -1,4 +1,4 @@
-"""Table-driven tests of oo_ml.validation against the generated messages.
+"""Table-driven tests of oo_ml.schema.validation against the generated messages.
 
 Each case starts from a valid message, breaks one thing, and expects exactly the
 violations (by field path) that one thing causes: no more, no fewer.
@@ -17,7 +17,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from oo.events.v1 import envelope_pb2, signals_pb2
 from oo.scoring.v1 import scoring_pb2
 from oo_ml.errors import InvalidArgument
-from oo_ml.validation import validate, violations
+from oo_ml.schema.validation import validate, violations
 
 NAN = math.nan
 

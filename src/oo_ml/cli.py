@@ -13,7 +13,7 @@ from oo_ml.errors import OoError
 
 
 def _serve(ns: argparse.Namespace) -> int:
-    from oo_ml.server import serve
+    from oo_ml.app.supervisor import serve
 
     try:
         cfg = config_mod.load(flags=ns)
@@ -54,7 +54,7 @@ def _prompts(ns: argparse.Namespace) -> int:
 
 
 def _simulate(ns: argparse.Namespace) -> int:
-    from oo_ml import simulator
+    from oo_ml.sim import runner as simulator
 
     def names(raw: str) -> list[str]:
         return [n.strip() for n in raw.split(",") if n.strip()]
@@ -84,7 +84,7 @@ def _gate(ns: argparse.Namespace) -> int:
     import grpc
 
     from oo.scoring.v1 import scoring_pb2, scoring_pb2_grpc
-    from oo_ml import gate
+    from oo_ml.domain import ope as gate
 
     metadata = (("authorization", f"Bearer {ns.token}"),) if ns.token else None
     try:
@@ -158,7 +158,7 @@ def parser() -> argparse.ArgumentParser:
         "simulate",
         help="run policies on a synthetic population (offline, seeded)",
         description="Run the policies on the same synthetic users, contexts and rewards"
-        " (oo_ml.simulator), and optionally evaluate policies off-policy on one policy's log"
+        " (oo_ml.sim.runner), and optionally evaluate policies off-policy on one policy's log"
         " and run the promotion gate. Policy knobs (OO_EPSILON, ...) come from the environment.",
     )
     simulate.add_argument("--policies", default="egreedy,linucb,lints,uniform")

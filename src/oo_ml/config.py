@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from oo_ml.contracts import MAX_CANDIDATES
+from oo_ml.schema.contracts import MAX_CANDIDATES
 
 T = TypeVar("T")
 

@@ -15,7 +15,7 @@ import hashlib
 import re
 from collections.abc import Mapping, Sequence
 
-from oo_ml.features import Assembled
+from oo_ml.domain.features import Assembled
 from oo_ml.generate.prompts import part_of_day
 
 MANY_OPEN_TASKS = 8

@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from types import ModuleType
 
 from oo_ml.config import LLMConfig
-from oo_ml.features import Assembled, TaskSource, TaskView
+from oo_ml.domain.features import Assembled, TaskSource, TaskView
 from oo_ml.generate.fallback import check_output, clean_output, pick_fallback
 from oo_ml.generate.gateway import (
     NO_USAGE,

@@ -20,8 +20,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from oo_ml.config import LLMConfig
+from oo_ml.domain.features import Assembled, TaskView
 from oo_ml.errors import FieldViolation, InvalidArgument
-from oo_ml.features import Assembled, TaskView
 
 FALLBACK_VERSION = "v1"
 MAX_TASKS = 10  # tasks listed in a prompt; more are only counted

@@ -14,6 +14,6 @@
     publisher            one TipServed per decision, off the request path
     counters             the counters tests and Stats read
 
-The supervisor (`oo_ml.server`) builds `Ingest`, takes its feature store and task source
+The supervisor (`oo_ml.app.supervisor`) builds `Ingest`, takes its feature store and task source
 for the engine, attaches the engine, and starts and stops it.
 """

@@ -1,7 +1,7 @@
 """Decoding: message bytes and headers -> a validated domain `Event`. No proto goes further.
 
 An envelope is binary protobuf unless the header `Content-Type: application/json` says it
-is proto3 JSON. It must carry a known `schema_version` and pass `oo_ml.validation` (the
+is proto3 JSON. It must carry a known `schema_version` and pass `oo_ml.schema.validation` (the
 same rules as the gRPC edge). Whatever fails here raises `BadEvent` with a reason, and the
 consumer dead-letters the message.
 
@@ -25,7 +25,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from oo.events.v1 import envelope_pb2, signals_pb2
 from oo_ml.errors import InvalidArgument
-from oo_ml.validation import validate
+from oo_ml.schema.validation import validate
 
 # "v1" is what the producers write (the schema package's version; a breaking change bumps
 # it to "v2"). "1" is an alias kept for the TipServed events oo-ml itself published before

@@ -35,11 +35,11 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from oo_ml.config import IngestConfig
-from oo_ml.engine import RewardResult
+from oo_ml.domain.engine.scoring import RewardResult
 from oo_ml.errors import FailedPrecondition, NotFound, Unavailable
 from oo_ml.ingest.counters import IngestCounters
 from oo_ml.ingest.decode import Action, Event, TipFeedback
-from oo_ml.ingest.profile_store import ProfileStore
+from oo_ml.stores.sqlite.profiles import ProfileStore
 
 log = logging.getLogger(__name__)
 

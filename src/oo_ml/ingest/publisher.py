@@ -23,7 +23,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from nats.js import JetStreamContext, api
 
 from oo.events.v1 import envelope_pb2, signals_pb2
-from oo_ml.decisions import DecisionRecord
+from oo_ml.domain.decisions import DecisionRecord
 from oo_ml.ingest.counters import IngestCounters
 from oo_ml.ingest.decode import CURRENT_SCHEMA_VERSION
 

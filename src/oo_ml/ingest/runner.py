@@ -38,16 +38,16 @@ from nats.aio.client import Client
 from nats.js import JetStreamContext
 
 from oo_ml.config import Config
-from oo_ml.engine import DecisionListener, RewardResult
+from oo_ml.domain.engine.scoring import DecisionListener, RewardResult
 from oo_ml.ingest.consumer import BatchConsumer
 from oo_ml.ingest.counters import IngestCounters
 from oo_ml.ingest.dead_letters import DeadLetters
 from oo_ml.ingest.effects import Applier
 from oo_ml.ingest.nats_server import LocalNatsServer
-from oo_ml.ingest.profile_store import ProfileStore
 from oo_ml.ingest.publisher import ServePublisher
 from oo_ml.ingest.streams import CONSUMERS, DLQ, IncompatibleStream, Topology, ensure_topology
-from oo_ml.sqlite_store import SqliteStore
+from oo_ml.stores.sqlite.db import SqliteStore
+from oo_ml.stores.sqlite.profiles import ProfileStore
 
 log = logging.getLogger(__name__)
 

@@ -26,9 +26,8 @@ from typing import Any, Protocol
 import numpy as np
 
 from oo_ml.config import ScoringConfig
-from oo_ml.decisions import DecisionRecord, LoggedCandidate, ShadowView
-from oo_ml.errors import FailedPrecondition, NotFound, Unavailable, UnknownPolicy
-from oo_ml.features import (
+from oo_ml.domain.decisions import DecisionRecord, LoggedCandidate, ShadowView
+from oo_ml.domain.features import (
     FEATURE_VERSIONS,
     Assembled,
     FeatureStore,
@@ -36,11 +35,12 @@ from oo_ml.features import (
     Vector,
     assemble,
 )
-from oo_ml.gate import OffPolicyEstimate, from_sums, sample_terms
-from oo_ml.policies import Policy, build_policies, estimates
-from oo_ml.state import PolicyState, empty_state, population_prior
-from oo_ml.state_codec import decode_decision, decode_state, encode_decision, encode_state
-from oo_ml.store import (
+from oo_ml.domain.ope import OffPolicyEstimate, from_sums, sample_terms
+from oo_ml.domain.policies import Policy, build_policies, estimates
+from oo_ml.domain.state import PolicyState, empty_state, population_prior
+from oo_ml.errors import FailedPrecondition, NotFound, Unavailable, UnknownPolicy
+from oo_ml.stores.codec import decode_decision, decode_state, encode_decision, encode_state
+from oo_ml.stores.ports import (
     AddOffPolicy,
     Conflict,
     GenerationRecord,

@@ -27,7 +27,7 @@ from typing import Protocol
 import numpy as np
 import numpy.typing as npt
 
-from oo_ml.contracts import ALL_FEATURES, FeatureContract, Source
+from oo_ml.schema.contracts import ALL_FEATURES, FeatureContract, Source
 
 Vector = npt.NDArray[np.float64]
 

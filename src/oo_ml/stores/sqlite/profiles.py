@@ -28,11 +28,17 @@ import sqlite3
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
-from oo_ml.contracts import ALL_FEATURES
-from oo_ml.features import StoredValue, TaskView, utc_offset_minutes
+from oo_ml.domain.features import StoredValue, TaskView, utc_offset_minutes
 from oo_ml.ingest.decode import Event
-from oo_ml.ingest.profile_writes import DAY_S, applied_among, day_of, plan_batch, record_events
-from oo_ml.sqlite_store import SqliteDB
+from oo_ml.schema.contracts import ALL_FEATURES
+from oo_ml.stores.sqlite.db import SqliteDB
+from oo_ml.stores.sqlite.profile_writes import (
+    DAY_S,
+    applied_among,
+    day_of,
+    plan_batch,
+    record_events,
+)
 
 T = TypeVar("T")
 

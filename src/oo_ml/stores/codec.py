@@ -10,8 +10,8 @@ from __future__ import annotations
 import numpy as np
 
 from oo.state.v1 import state_pb2
-from oo_ml.decisions import DecisionRecord, LoggedCandidate, ShadowView
-from oo_ml.state import FORMAT_VERSION, ArmModel, PolicyState
+from oo_ml.domain.decisions import DecisionRecord, LoggedCandidate, ShadowView
+from oo_ml.domain.state import FORMAT_VERSION, ArmModel, PolicyState
 
 
 class UnsupportedFormat(ValueError):

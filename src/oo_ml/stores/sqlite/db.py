@@ -27,9 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from oo_ml.decisions import RewardState
+from oo_ml.domain.decisions import RewardState
 from oo_ml.errors import TransientStoreError
-from oo_ml.store import (
+from oo_ml.stores.ports import (
     AddOffPolicy,
     ArmTotals,
     Conflict,

@@ -22,16 +22,16 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from oo.scoring.v1 import scoring_pb2, scoring_pb2_grpc
+from oo_ml.app.metrics import Metrics, MetricsEndpoint
 from oo_ml.config import Config
-from oo_ml.engine import ScoringEngine
-from oo_ml.features import FeatureStore, NoStoredFeatures, NoTasks, TaskSource
+from oo_ml.domain.engine.scoring import ScoringEngine
+from oo_ml.domain.features import FeatureStore, NoStoredFeatures, NoTasks, TaskSource
+from oo_ml.edge.interceptors import SERVICE, EdgeInterceptor
+from oo_ml.edge.service import ScoringService
 from oo_ml.generate.generator import Generator
 from oo_ml.generate.prompts import check_config
 from oo_ml.ingest.runner import Ingest
-from oo_ml.interceptors import SERVICE, EdgeInterceptor
-from oo_ml.metrics import Metrics, MetricsEndpoint
-from oo_ml.service import ScoringService
-from oo_ml.sqlite_store import SqliteStore
+from oo_ml.stores.sqlite.db import SqliteStore
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from oo_ml.features import Vector
+from oo_ml.domain.features import Vector
 
 
 @dataclass(frozen=True, slots=True)

@@ -52,12 +52,12 @@ from dataclasses import dataclass, replace
 import numpy as np
 import numpy.typing as npt
 
-from oo_ml import gate
 from oo_ml.config import ScoringConfig
-from oo_ml.engine import rng_for
-from oo_ml.features import FEATURE_VERSIONS, Inputs, Vector, assemble
-from oo_ml.policies import Policy, build_policies, estimates
-from oo_ml.state import PolicyState, empty_state, population_prior
+from oo_ml.domain import ope as gate
+from oo_ml.domain.engine.scoring import rng_for
+from oo_ml.domain.features import FEATURE_VERSIONS, Inputs, Vector, assemble
+from oo_ml.domain.policies import Policy, build_policies, estimates
+from oo_ml.domain.state import PolicyState, empty_state, population_prior
 
 ARMS: tuple[str, ...] = ("focus", "break", "plan", "review")
 ORACLE = "oracle"

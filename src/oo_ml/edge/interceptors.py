@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
+from oo_ml.app.metrics import Metrics
 from oo_ml.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -33,7 +34,6 @@ from oo_ml.errors import (
     Unauthenticated,
     Unavailable,
 )
-from oo_ml.metrics import Metrics
 
 log = logging.getLogger(__name__)
 

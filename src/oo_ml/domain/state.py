@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from oo_ml.features import Vector
+from oo_ml.domain.features import Vector
 
 Matrix = np.ndarray  # (D, D) float64
 

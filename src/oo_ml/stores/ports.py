@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from oo_ml.decisions import RewardState
+from oo_ml.domain.decisions import RewardState
 from oo_ml.errors import OoError
 
 

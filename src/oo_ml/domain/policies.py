@@ -23,8 +23,8 @@ import numpy as np
 import numpy.typing as npt
 
 from oo_ml.config import ScoringConfig
-from oo_ml.features import FEATURE_VERSIONS, Vector
-from oo_ml.state import PolicyState
+from oo_ml.domain.features import FEATURE_VERSIONS, Vector
+from oo_ml.domain.state import PolicyState
 
 _TIE = 1e-12
 # Monte Carlo draws used to estimate Thompson sampling's propensities.
