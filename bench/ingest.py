@@ -148,7 +148,7 @@ class Ingesting:
 
     def __init__(self, url: str, batch: int, data_dir: Path) -> None:
         from oo_ml import config as config_mod
-        from oo_ml.stores.sqlite.db import SqliteStore
+        from oo_ml.stores.sqlite.scoring import SqliteStore
 
         env = {"OO_DATA_DIR": str(data_dir), "OO_NATS_URL": url, "OO_INGEST_BATCH": str(batch)}
         self.url = url
@@ -158,9 +158,14 @@ class Ingesting:
     async def started(self) -> Ingest:
         from oo_ml.domain.engine.scoring import ScoringEngine
         from oo_ml.ingest.runner import Ingest, IngestTuning
+        from oo_ml.schema.contracts import ALL_FEATURES
+        from oo_ml.stores.sqlite.profiles import SqliteProfileStore
 
-        ingest = Ingest(self.config, self.store, None, tuning=IngestTuning(fetch_timeout_s=0.5))
-        ingest.attach(ScoringEngine(self.config.scoring, self.store, ingest.feature_store()))
+        profiles = SqliteProfileStore(
+            self.store.db, self.config.ingest.dedupe_window_s, ALL_FEATURES
+        )
+        ingest = Ingest(self.config, profiles, None, tuning=IngestTuning(fetch_timeout_s=0.5))
+        ingest.attach(ScoringEngine(self.config.scoring, self.store, profiles, ALL_FEATURES))
         await ingest.start()
         return ingest
 
@@ -181,9 +186,10 @@ class Ingesting:
         return rate
 
     async def close(self, expected: int) -> None:
-        from oo_ml.stores.sqlite.profiles import ProfileStore
+        from oo_ml.schema.contracts import ALL_FEATURES
+        from oo_ml.stores.sqlite.profiles import SqliteProfileStore
 
-        profiles = ProfileStore(self.store.db, 86400)
+        profiles = SqliteProfileStore(self.store.db, 86400, ALL_FEATURES)
         totals = await profiles.totals()
         await self.store.close()
         if totals["views"] != expected or totals["applied_events"] != expected:

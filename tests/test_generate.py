@@ -35,6 +35,7 @@ from oo_ml.generate import (
 from oo_ml.generate.fallback import CURATED, check_output, pick_fallback, situation
 from oo_ml.generate.gateway import import_seconds, load_litellm
 from oo_ml.generate.prompts import MAX_TASKS, MAX_TITLE_CHARS, rotation_pick
+from oo_ml.schema.contracts import ALL_FEATURES
 from tests.fake_llm import USAGE, FakeLLM
 
 # LiteLLM 1.106.2 builds a pydantic schema over a TypedDict with `ReadOnly` items and
@@ -134,7 +135,7 @@ def features(**values: float) -> Assembled:
         "preferred_hour": 9,
     }
     given.update(values)
-    return assemble(Inputs(values=given), {}, now=NOW)
+    return assemble(ALL_FEATURES, Inputs(values=given), {}, now=NOW)
 
 
 def llm(fake: FakeLLM | None = None, **overrides: Any) -> LLMConfig:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -21,15 +20,16 @@ from nats.js import JetStreamContext, api
 from oo.events.v1 import envelope_pb2, signals_pb2
 from oo.scoring.v1 import scoring_pb2 as pb
 from oo_ml import config as config_mod
-from oo_ml.domain.engine.scoring import Candidate, RewardResult, ScoreCommand, ScoringEngine
+from oo_ml.domain.engine import Candidate, RewardResult, ScoreCommand, ScoringEngine
 from oo_ml.domain.features import Inputs, Origin
 from oo_ml.edge.service import feature_values
-from oo_ml.errors import TransientStoreError
+from oo_ml.errors import IncompatibleStream, TransientStoreError
 from oo_ml.ingest import dead_letters as dlq
 from oo_ml.ingest.nats_server import LocalNatsServer
 from oo_ml.ingest.runner import HEALTH_SERVICE, Engine, Ingest, IngestTuning
-from oo_ml.ingest.streams import IncompatibleStream
-from oo_ml.stores.sqlite.db import SqliteStore
+from oo_ml.schema.contracts import ALL_FEATURES
+from oo_ml.stores.sqlite.profiles import SqliteProfileStore
+from oo_ml.stores.sqlite.scoring import SqliteStore
 from tests.helpers import assert_eventually
 from tests.natsfix import (
     COMPLETED,
@@ -136,8 +136,9 @@ async def harness_factory(
         config = config_mod.load(env=settings)
         store = SqliteStore.open(config.server.data_dir / "oo-ml.db")
         hs = health.aio.HealthServicer()
-        ingest = Ingest(config, store, hs, tuning=tuning)
-        engine = ScoringEngine(config.scoring, store, ingest.feature_store())
+        profiles = SqliteProfileStore(store.db, config.ingest.dedupe_window_s, ALL_FEATURES)
+        ingest = Ingest(config, profiles, hs, tuning=tuning)
+        engine = ScoringEngine(config.scoring, store, profiles, ALL_FEATURES)
         ingest.attach(wrap(engine) if wrap else engine)
         nc = Client()
         await nc.connect(nats_server.url)
@@ -324,7 +325,7 @@ async def test_a_transient_reward_failure_is_retried_then_applied_once(
 async def test_a_transient_store_failure_is_retried_then_applied_once(harness: Harness) -> None:
     profiles = harness.ingest.profiles
     real_record = profiles.record
-    failures = [sqlite3.OperationalError("database is locked (injected)")]
+    failures = [TransientStoreError("sqlite: database is locked (injected)")]
 
     async def flaky_record(events: Any, now: float) -> list[bool]:
         if failures:

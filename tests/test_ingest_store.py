@@ -12,7 +12,7 @@ import pytest
 from oo.events.v1 import signals_pb2
 from oo_ml.config import IngestConfig
 from oo_ml.domain.decisions import DecisionRecord, LoggedCandidate
-from oo_ml.domain.engine.scoring import RewardResult
+from oo_ml.domain.engine import RewardResult
 from oo_ml.domain.features import Inputs, Origin, assemble
 from oo_ml.errors import NotFound
 from oo_ml.ingest.counters import IngestCounters
@@ -28,9 +28,10 @@ from oo_ml.ingest.decode import (
 from oo_ml.ingest.effects import Applier, Outcome
 from oo_ml.ingest.publisher import ServePublisher, served_envelope
 from oo_ml.ingest.streams import backoff_schedule, subject_covers
+from oo_ml.schema.contracts import ALL_FEATURES
 from oo_ml.stores.sqlite.db import SqliteDB
 from oo_ml.stores.sqlite.profile_writes import DAY_S
-from oo_ml.stores.sqlite.profiles import ProfileStore
+from oo_ml.stores.sqlite.profiles import SqliteProfileStore
 from tests.natsfix import (
     COMPLETED,
     DISMISSED,
@@ -48,9 +49,9 @@ WEEK = 7 * DAY_S
 
 
 @pytest.fixture
-async def profiles(tmp_path: Path) -> AsyncIterator[ProfileStore]:
+async def profiles(tmp_path: Path) -> AsyncIterator[SqliteProfileStore]:
     db = SqliteDB(tmp_path / "ingest.db")
-    store = ProfileStore(db, dedupe_window_s=WEEK)
+    store = SqliteProfileStore(db, WEEK, ALL_FEATURES)
     yield store
     await db.close()
 
@@ -79,7 +80,7 @@ class Rewards:
 
 
 def applier(
-    profiles: ProfileStore, rewards: Rewards, now: float = NOW, window: float = WEEK
+    profiles: SqliteProfileStore, rewards: Rewards, now: float = NOW, window: float = WEEK
 ) -> Applier:
     config = IngestConfig(dedupe_window_s=window)
     return Applier(profiles, rewards, config, IngestCounters(), lambda: now)
@@ -142,7 +143,7 @@ def test_decode_without_a_known_payload_is_an_unknown_kind() -> None:
 # -- effects -------------------------------------------------------------------------------------
 
 
-async def test_feedback_rewards_once_and_records_once(profiles: ProfileStore) -> None:
+async def test_feedback_rewards_once_and_records_once(profiles: SqliteProfileStore) -> None:
     rewards = Rewards({"d1"})
     a = applier(profiles, rewards)
     first = ev(feedback("e1", "d1", COMPLETED, at=NOW - 60))
@@ -156,7 +157,7 @@ async def test_feedback_rewards_once_and_records_once(profiles: ProfileStore) ->
 
 
 async def test_reward_values_by_action_and_stray_feedback_is_recorded(
-    profiles: ProfileStore,
+    profiles: SqliteProfileStore,
 ) -> None:
     rewards = Rewards({"d1", "d2", "d3"})
     a = applier(profiles, rewards)
@@ -172,7 +173,9 @@ async def test_reward_values_by_action_and_stray_feedback_is_recorded(
     assert a.counters.rewards_rejected == 1
 
 
-async def test_crash_between_reward_and_record_still_records_once(profiles: ProfileStore) -> None:
+async def test_crash_between_reward_and_record_still_records_once(
+    profiles: SqliteProfileStore,
+) -> None:
     rewards = Rewards({"d1"})
     rewards.rewarded.add("d1")  # the reward committed, then the process died before recording
     results = await applier(profiles, rewards).apply([ev(feedback("e1", "d1", at=NOW))])
@@ -180,14 +183,14 @@ async def test_crash_between_reward_and_record_still_records_once(profiles: Prof
     assert (await profiles.totals("u1"))["feedback"] == 1
 
 
-async def test_events_older_than_the_dedupe_window_are_stale(profiles: ProfileStore) -> None:
+async def test_events_older_than_the_dedupe_window_are_stale(profiles: SqliteProfileStore) -> None:
     rewards = Rewards({"d1"})
     old = ev(feedback("e-old", "d1", at=NOW - WEEK - 60))
     results = await applier(profiles, rewards).apply([old])
     assert results[0].outcome is Outcome.STALE and rewards.calls == []
 
 
-async def test_dedupe_window_prunes_applied_ids(profiles: ProfileStore) -> None:
+async def test_dedupe_window_prunes_applied_ids(profiles: SqliteProfileStore) -> None:
     a = applier(profiles, Rewards(set()))
     await a.apply([ev(viewed("v1", 100, at=NOW))])
     assert await profiles.prune(NOW + WEEK - 1) == 0
@@ -197,7 +200,7 @@ async def test_dedupe_window_prunes_applied_ids(profiles: ProfileStore) -> None:
 
 
 async def test_a_producer_clock_ahead_of_ours_cannot_make_an_event_apply_twice(
-    profiles: ProfileStore,
+    profiles: SqliteProfileStore,
 ) -> None:
     ahead = ev(viewed("v-skew", 500, at=NOW + 7200))  # the producer's clock is 2 h fast
     first = await applier(profiles, Rewards(set())).apply([ahead])
@@ -211,7 +214,7 @@ async def test_a_producer_clock_ahead_of_ours_cannot_make_an_event_apply_twice(
 # -- profile features ----------------------------------------------------------------------------
 
 
-async def test_profile_features_over_exact_30_day_buckets(profiles: ProfileStore) -> None:
+async def test_profile_features_over_exact_30_day_buckets(profiles: SqliteProfileStore) -> None:
     rewards = Rewards({f"d{i}" for i in range(10)})
     a = applier(profiles, rewards)
     at_9 = NOW - (NOW % DAY_S) + 9 * 3600  # 09:00 UTC today
@@ -247,13 +250,13 @@ async def test_profile_features_over_exact_30_day_buckets(profiles: ProfileStore
     later = await profiles.stored_features("u1", NOW + 29 * DAY_S)
     assert later["completion_rate_30d"].value == 1.0 and later["dismiss_rate_30d"].value == 0
     # Assembly honours the TTL (2 days): the stored values are too old by then.
-    assembled = assemble(Inputs({}), later, NOW + 29 * DAY_S)
+    assembled = assemble(ALL_FEATURES, Inputs({}), later, NOW + 29 * DAY_S)
     assert assembled.origins["completion_rate_30d"] is Origin.FALLBACK
-    fresh = assemble(Inputs({}), stored, NOW)
+    fresh = assemble(ALL_FEATURES, Inputs({}), stored, NOW)
     assert fresh.origins["completion_rate_30d"] is Origin.PROFILE_STORE
 
 
-async def test_tip_volume_counts_each_decision_once(profiles: ProfileStore) -> None:
+async def test_tip_volume_counts_each_decision_once(profiles: SqliteProfileStore) -> None:
     a = applier(profiles, Rewards(set()))
     served = [
         ev(envelope(f"s{i}", at=NOW, tip_served=signals_pb2.TipServed(decision_id=d, tip_id="t")))
@@ -264,7 +267,9 @@ async def test_tip_volume_counts_each_decision_once(profiles: ProfileStore) -> N
     assert stored["tip_volume_30d"].value == 2
 
 
-async def test_task_snapshots_replace_and_old_ones_are_ignored(profiles: ProfileStore) -> None:
+async def test_task_snapshots_replace_and_old_ones_are_ignored(
+    profiles: SqliteProfileStore,
+) -> None:
     a = applier(profiles, Rewards(set()))
 
     def sync(event_id: str, at: float, *tasks: signals_pb2.Task) -> Event:
@@ -287,7 +292,7 @@ async def test_task_snapshots_replace_and_old_ones_are_ignored(profiles: Profile
     assert await profiles.open_tasks("u1", NOW + 2 * DAY_S, 10) == []  # past the TTL
 
 
-async def test_integration_events_are_recorded(profiles: ProfileStore) -> None:
+async def test_integration_events_are_recorded(profiles: SqliteProfileStore) -> None:
     from oo.events.v1 import integration_pb2
 
     a = applier(profiles, Rewards(set()))

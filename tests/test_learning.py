@@ -10,7 +10,8 @@ from oo.scoring.v1 import scoring_pb2 as pb
 from oo_ml import config as config_mod
 from oo_ml.domain.engine.scoring import Candidate, ScoreCommand, ScoringEngine
 from oo_ml.domain.features import Inputs, NoStoredFeatures
-from oo_ml.stores.sqlite.db import SqliteStore
+from oo_ml.schema.contracts import ALL_FEATURES
+from oo_ml.stores.sqlite.scoring import SqliteStore
 from tests.conftest import Running
 
 ARMS = ["focus", "break", "plan", "review"]
@@ -49,7 +50,7 @@ async def test_default_policy_learns_the_hour_dependent_best_arm_over_grpc(serve
 
 async def test_new_users_start_from_the_population_prior(tmp_path: Path) -> None:
     store = SqliteStore.open(tmp_path / "prior.db")
-    engine = ScoringEngine(config_mod.load(env={}).scoring, store, NoStoredFeatures())
+    engine = ScoringEngine(config_mod.load(env={}).scoring, store, NoStoredFeatures(), ALL_FEATURES)
     cands = tuple(Candidate(f"tip-{a}", a) for a in ARMS)
     rnd = random.Random(7)
 
@@ -75,7 +76,7 @@ async def test_new_users_start_from_the_population_prior(tmp_path: Path) -> None
         with_prior = await first_choices([f"new{i}" for i in range(200)])
         assert with_prior >= 0.6, f"new users' first choices hit the best arm {with_prior:.0%}"
         # A policy that has learned nothing has no prior: its new users choose at random.
-        engine._priors.clear()
+        engine.models.priors.clear()
         without = await first_choices([f"cold{i}" for i in range(200)])
         assert without < with_prior
     finally:

@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 
 from oo_ml import config as config_mod
-from oo_ml.domain.engine.scoring import rng_for
 from oo_ml.domain.features import FEATURE_VERSIONS, Inputs, assemble
 from oo_ml.domain.policies import build_policies
+from oo_ml.domain.rng import rng_for
 from oo_ml.domain.state import ArmModel, empty_state
+from oo_ml.schema.contracts import ALL_FEATURES
 from oo_ml.stores.codec import decode_state, encode_state
 
 POLICIES = build_policies(config_mod.load(env={}).scoring)
@@ -24,7 +25,9 @@ def trained(policy: str, rounds: int = 60, seed: int = 3):  # type: ignore[no-un
     state = empty_state(policy, fv.name, fv.dim, 1.0).with_arms(ARMS)
     rnd = np.random.default_rng(seed)
     for i in range(rounds):
-        x = fv.vectorise(assemble(Inputs({"hour_of_day": float(i % 24)}), {}, now=0.0))
+        x = fv.vectorise(
+            assemble(ALL_FEATURES, Inputs({"hour_of_day": float(i % 24)}), {}, now=0.0)
+        )
         arm = ARMS[int(rnd.integers(4))]
         state = state.chose(arm).learned(arm, x, float(rnd.random() < 0.5))
     return p, fv, state
@@ -46,7 +49,7 @@ def test_sherman_morrison_matches_the_direct_inverse() -> None:
 @pytest.mark.parametrize("policy", sorted(POLICIES))
 def test_same_state_and_decision_id_give_the_same_choice(policy: str) -> None:
     p, fv, state = trained(policy)
-    x = fv.vectorise(assemble(Inputs({"hour_of_day": 7.0}), {}, now=0.0))
+    x = fv.vectorise(assemble(ALL_FEATURES, Inputs({"hour_of_day": 7.0}), {}, now=0.0))
     picks = set()
     for i in range(40):
         first = p.select(state, x, ARMS, rng_for(f"decision-{i}"))
@@ -64,7 +67,7 @@ def test_same_state_and_decision_id_give_the_same_choice(policy: str) -> None:
 
 def test_deterministic_policy_gives_its_choice_propensity_one() -> None:
     p, fv, state = trained("linucb")
-    x = fv.vectorise(assemble(Inputs({"hour_of_day": 7.0}), {}, now=0.0))
+    x = fv.vectorise(assemble(ALL_FEATURES, Inputs({"hour_of_day": 7.0}), {}, now=0.0))
     sel = p.select(state, x, ARMS, rng_for("d"))
     assert sel.propensities[sel.chosen] == 1.0 and sum(sel.propensities) == 1.0
 
@@ -73,7 +76,7 @@ def test_v1_state_migrates_to_v2_by_padding() -> None:
     _, v1, state = trained("egreedy")
     v2 = FEATURE_VERSIONS["v2"]
     migrated = state.migrated("v2", v2.dim)
-    feats = assemble(Inputs({"hour_of_day": 15.0}), {}, now=0.0)
+    feats = assemble(ALL_FEATURES, Inputs({"hour_of_day": 15.0}), {}, now=0.0)
     x1 = v1.vectorise(feats)
     x2 = v2.vectorise(feats)
     np.testing.assert_array_equal(x2[:7], x1)  # v2 extends v1
@@ -94,7 +97,7 @@ def test_v1_state_migrates_to_v2_by_padding() -> None:
 
 
 def test_feature_dimensions() -> None:
-    feats = assemble(Inputs({}), {}, now=0.0)
+    feats = assemble(ALL_FEATURES, Inputs({}), {}, now=0.0)
     assert FEATURE_VERSIONS["v1"].vectorise(feats).shape == (7,)
     assert FEATURE_VERSIONS["v2"].vectorise(feats).shape == (12,)
 

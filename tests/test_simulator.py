@@ -13,6 +13,7 @@ import pytest
 from oo.scoring.v1 import scoring_pb2 as pb
 from oo_ml import cli
 from oo_ml.domain import ope as gate
+from oo_ml.domain import promotion
 from oo_ml.sim.runner import (
     ARMS,
     SimulationConfig,
@@ -164,27 +165,27 @@ def _estimate(samples: int, dr: float, half: float, served_mean: float) -> gate.
 
 
 def test_gate_refuses_with_too_few_samples() -> None:
-    d = gate.promote(_estimate(120, 0.9, 0.01, 0.3), 0.3, min_samples=500, served="egreedy")
+    d = promotion.promote(_estimate(120, 0.9, 0.01, 0.3), 0.3, min_samples=500, served="egreedy")
     assert not d.promote
     assert "120 samples, fewer than the 500 required" in d.reason
 
 
 def test_gate_refuses_when_the_ci_lower_bound_is_not_above_served_plus_margin() -> None:
-    d = gate.promote(_estimate(2000, 0.42, 0.03, 0.40), 0.40, margin=0.0, served="egreedy")
+    d = promotion.promote(_estimate(2000, 0.42, 0.03, 0.40), 0.40, margin=0.0, served="egreedy")
     assert not d.promote
     assert "lower bound 0.3900 does not exceed egreedy mean 0.4000 + margin 0.0000" in d.reason
     # Clear of the served mean, but not of the margin.
-    d = gate.promote(_estimate(2000, 0.45, 0.01, 0.40), 0.40, margin=0.05, served="egreedy")
+    d = promotion.promote(_estimate(2000, 0.45, 0.01, 0.40), 0.40, margin=0.05, served="egreedy")
     assert (
         not d.promote
         and "0.4400 does not exceed egreedy mean 0.4000 + margin 0.0500 = 0.4500" in d.reason
     )
-    nan = gate.promote(_estimate(2000, math.nan, 0.01, 0.40), 0.40)
+    nan = promotion.promote(_estimate(2000, math.nan, 0.01, 0.40), 0.40)
     assert not nan.promote and "not finite" in nan.reason
 
 
 def test_gate_promotes_when_clearly_better() -> None:
-    d = gate.promote_from_stats(
+    d = promotion.promote_from_stats(
         policy="egreedy-v2",
         samples=5000,
         ips=0.52,

@@ -8,18 +8,20 @@ import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from oo_ml.domain.decisions import RewardState
-from oo_ml.stores.ports import (
-    Conflict,
-    InsertDecision,
-    MarkRewarded,
-    MemoryStateStore,
-    PutState,
-    StateStore,
-)
-from oo_ml.stores.sqlite.db import SqliteStore
+from oo_ml.domain.decisions import DecisionRecord, LoggedCandidate, RewardState
+from oo_ml.domain.ports import InsertDecision, MarkRewarded, PutState, StateStore
+from oo_ml.domain.state import PolicyState
+from oo_ml.errors import Conflict
+from oo_ml.stores.memory import MemoryStateStore
+from oo_ml.stores.sqlite.scoring import SqliteStore
+
+
+def st(decisions: int) -> PolicyState:
+    """A distinguishable state: its decision counter is its identity."""
+    return PolicyState("p", "v1", 7, 1.0, decisions=decisions)
 
 
 @pytest.fixture
@@ -41,38 +43,50 @@ async def state_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIt
 
 async def test_compare_and_set_on_revision(state_store: StateStore) -> None:
     assert await state_store.get("u", "p") is None
-    assert await state_store.compare_and_set("u", "p", 0, b"one") == 1
-    assert await state_store.compare_and_set("u", "p", 0, b"again") is None  # exists already
-    assert await state_store.compare_and_set("u", "p", 1, b"two") == 2
-    assert await state_store.compare_and_set("u", "p", 1, b"stale") is None
+    assert await state_store.compare_and_set("u", "p", 0, st(1)) == 1
+    assert await state_store.compare_and_set("u", "p", 0, st(2)) is None  # exists already
+    assert await state_store.compare_and_set("u", "p", 1, st(3)) == 2
+    assert await state_store.compare_and_set("u", "p", 1, st(4)) is None
     got = await state_store.get("u", "p")
-    assert got is not None and (got.revision, got.data) == (2, b"two")
+    assert got is not None and (got.revision, got.state) == (2, st(3))
 
 
 async def test_concurrent_cas_lets_exactly_one_writer_win(state_store: StateStore) -> None:
-    await state_store.compare_and_set("u", "p", 0, b"base")
+    await state_store.compare_and_set("u", "p", 0, st(0))
     wins = await asyncio.gather(
-        *(state_store.compare_and_set("u", "p", 1, bytes([i])) for i in range(20))
+        *(state_store.compare_and_set("u", "p", 1, st(10 + i)) for i in range(20))
     )
     assert sum(w is not None for w in wins) == 1
 
 
 def decision(i: int) -> InsertDecision:
-    return InsertDecision(f"d{i}", "u", "p", 100.0 + i, "arm", "", b"x")
+    return InsertDecision(
+        DecisionRecord(
+            decision_id=f"d{i}",
+            user_id="u",
+            policy="p",
+            feature_version="v1",
+            x=np.ones(7),
+            candidates=(LoggedCandidate("t", "arm", 0.5, 1.0),),
+            chosen_index=0,
+            explored=False,
+            created_at=100.0 + i,
+        )
+    )
 
 
 async def test_a_failed_condition_applies_nothing_of_its_commit(sqlite_store: SqliteStore) -> None:
-    await sqlite_store.commit([decision(1), PutState("u", "p", 0, b"s1")])
+    await sqlite_store.commit([decision(1), PutState("u", "p", 0, st(1))])
     await sqlite_store.commit(
-        [MarkRewarded("d1", 1.0, 200.0, "explicit"), PutState("u", "p", 1, b"s2")]
+        [MarkRewarded("d1", 1.0, 200.0, "explicit"), PutState("u", "p", 1, st(2))]
     )
     with pytest.raises(Conflict):
         # The decision is rewarded already: the state write in the same commit must not land.
         await sqlite_store.commit(
-            [PutState("u", "p", 2, b"s3"), MarkRewarded("d1", 0.0, 300.0, "explicit")]
+            [PutState("u", "p", 2, st(3)), MarkRewarded("d1", 0.0, 300.0, "explicit")]
         )
     got = await sqlite_store.get("u", "p")
-    assert got is not None and got.data == b"s2"
+    assert got is not None and got.state == st(2)
     stored = await sqlite_store.get_decision("d1")
     assert stored is not None and stored.reward == RewardState(1.0, 200.0, "explicit")
 
@@ -97,7 +111,7 @@ async def test_one_failing_operation_does_not_fail_its_batch(sqlite_store: Sqlit
 
 async def test_writes_survive_reopening(tmp_path: Path) -> None:
     store = SqliteStore.open(tmp_path / "r.db")
-    await store.commit([decision(1), PutState("u", "p", 0, b"s")])
+    await store.commit([decision(1), PutState("u", "p", 0, st(1))])
     await store.close()
     await store.close()  # idempotent
     again = SqliteStore.open(tmp_path / "r.db")
@@ -117,7 +131,7 @@ async def test_a_caller_that_gives_up_does_not_break_the_store(sqlite_store: Sql
         busy = asyncio.create_task(run(lambda conn: time.sleep(0.2)))
         await asyncio.sleep(0.05)
         queued = asyncio.create_task(
-            sqlite_store.commit([PutState("gone", "p", 0, b"x")])
+            sqlite_store.commit([PutState("gone", "p", 0, st(9))])
             if run is sqlite_store.db.run
             else run(lambda conn: 1)
         )
@@ -126,7 +140,7 @@ async def test_a_caller_that_gives_up_does_not_break_the_store(sqlite_store: Sql
         await busy
         with pytest.raises(asyncio.CancelledError):
             await queued
-    assert await asyncio.wait_for(sqlite_store.commit([PutState("u", "p", 0, b"a")]), 5)
+    assert await asyncio.wait_for(sqlite_store.commit([PutState("u", "p", 0, st(5))]), 5)
     assert await asyncio.wait_for(sqlite_store.get("u", "p"), 5) is not None
     assert await sqlite_store.get("gone", "p") is None  # cancelled before it ran: not applied
 

@@ -84,7 +84,7 @@ def _gate(ns: argparse.Namespace) -> int:
     import grpc
 
     from oo.scoring.v1 import scoring_pb2, scoring_pb2_grpc
-    from oo_ml.domain import ope as gate
+    from oo_ml.domain import promotion
 
     metadata = (("authorization", f"Bearer {ns.token}"),) if ns.token else None
     try:
@@ -106,7 +106,7 @@ def _gate(ns: argparse.Namespace) -> int:
             f" (shadows with samples: {known}; is it in OO_SHADOW_POLICIES?)"
         )
         return 1
-    decision = gate.promote_from_stats(
+    decision = promotion.promote_from_stats(
         policy=shadow.policy,
         samples=shadow.samples,
         ips=shadow.ips,

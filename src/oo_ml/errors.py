@@ -1,14 +1,24 @@
-"""The one error tree of oo-ml. Each error maps to one gRPC status in `interceptors.py`.
+"""The one error tree of oo-ml. `edge.interceptors` maps each error to one gRPC status by a
+table keyed by class (the nearest listed ancestor wins), so a new error is a new row, never
+a new branch.
 
     OoError                        (INTERNAL)
     ├── InvalidArgument            (INVALID_ARGUMENT, google.rpc.BadRequest field violations)
     │   └── UnknownPolicy          (INVALID_ARGUMENT, lists the known policies)
     ├── NotFound                   (NOT_FOUND)
     ├── FailedPrecondition         (FAILED_PRECONDITION)
+    │   └── IncompatibleStream     (ingest start-up: a stream or consumer cannot serve)
     ├── Unauthenticated            (UNAUTHENTICATED)
     ├── PermissionDenied           (PERMISSION_DENIED)
     ├── Unavailable                (UNAVAILABLE; the caller may retry)
-    └── TransientStoreError        (UNAVAILABLE; a store could not commit, nothing applied)
+    │   ├── TransientStoreError    (a store could not commit; nothing applied)
+    │   └── LLMFailure             (the model gateway gave up; Generate falls back)
+    ├── Conflict                   (ABORTED: a compare-and-set lost; the engine retries)
+    ├── UnreadableRecord           (DATA_LOSS: a stored record does not decode)
+    │   └── UnsupportedFormat      (a stored record is newer than this build)
+    ├── ProviderError              (INTERNAL if it escaped: one model attempt failed)
+    └── BadEvent                   (INVALID_ARGUMENT: an event that can never be applied;
+                                    ingest dead-letters it with its reason)
 
 Domain code raises these; handlers never build statuses themselves.
 """
@@ -57,6 +67,10 @@ class FailedPrecondition(OoError):
     pass
 
 
+class IncompatibleStream(FailedPrecondition):
+    """An existing stream or consumer cannot serve the ingest; the message says why."""
+
+
 class Unauthenticated(OoError):
     pass
 
@@ -71,3 +85,41 @@ class Unavailable(OoError):
 
 class TransientStoreError(Unavailable):
     """A store failed in a way a retry may fix (locked database, full disk)."""
+
+
+class LLMFailure(Unavailable):
+    """The gateway gave up; `reason` is the fallback reason ("timeout", "overloaded", ...)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class Conflict(OoError):
+    """A conditional write found the store changed; nothing in the commit was applied."""
+
+
+class UnreadableRecord(OoError):
+    """A stored record (state or decision) does not decode; the message says why."""
+
+
+class UnsupportedFormat(UnreadableRecord):
+    """A stored record's format_version is newer than this build knows."""
+
+
+class ProviderError(OoError):
+    """One attempt failed at the provider. `detail` is short and holds no request data."""
+
+    def __init__(self, detail: str, *, retryable: bool, timed_out: bool = False) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.retryable = retryable
+        self.timed_out = timed_out
+
+
+class BadEvent(OoError):
+    """A message that can never be applied: its reason goes to the dead-letter copy."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason

@@ -1,20 +1,27 @@
-"""The supervisor: builds the gRPC server, the engine and the stores, runs them, stops them.
+"""The supervisor: builds the stores, the engine, the gRPC server and the ingest, runs them
+under one `asyncio.TaskGroup`, and stops them.
 
 Start: open the SQLite store, build the engine, start ingest (when enabled), bind the
-gRPC server with health and reflection, then start the background loops.
+gRPC server with health and reflection, then run the upkeep jobs. `serve` supervises the
+server, the ingest and the upkeep in one TaskGroup: if one of them dies, the others are
+cancelled and the process stops instead of serving half-alive.
 
 Stop (SIGTERM/SIGINT, or `stop()`): health goes NOT_SERVING so balancers stop sending,
-`server.stop(grace)` lets in-flight calls finish, the background loops and the shadow
-tasks end, ingest stops fetching and drains, and the store finishes its queued commits
-before it closes. Every step is idempotent, so a second signal or a second `stop()` is
-harmless. Nothing acknowledged is lost: an answer is only sent after its commit.
+`server.stop(grace)` lets in-flight calls finish, the upkeep and the shadow tasks end,
+ingest stops fetching and drains, the generator's HTTP clients close, and the store
+finishes its queued commits before it closes. Each step runs even if an earlier one
+raised (the failures are logged and the first is re-raised at the end), and a second
+`stop()` does nothing. Nothing acknowledged is lost: an answer is only sent after its
+commit.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import grpc
@@ -24,18 +31,23 @@ from grpc_reflection.v1alpha import reflection
 from oo.scoring.v1 import scoring_pb2, scoring_pb2_grpc
 from oo_ml.app.metrics import Metrics, MetricsEndpoint
 from oo_ml.config import Config
-from oo_ml.domain.engine.scoring import ScoringEngine
+from oo_ml.domain.engine import ScoringEngine
 from oo_ml.domain.features import FeatureStore, NoStoredFeatures, NoTasks, TaskSource
 from oo_ml.edge.interceptors import SERVICE, EdgeInterceptor
 from oo_ml.edge.service import ScoringService
 from oo_ml.generate.generator import Generator
 from oo_ml.generate.prompts import check_config
 from oo_ml.ingest.runner import Ingest
-from oo_ml.stores.sqlite.db import SqliteStore
+from oo_ml.schema.contracts import ALL_FEATURES
+from oo_ml.stores.sqlite.profiles import SqliteProfileStore
+from oo_ml.stores.sqlite.scoring import SqliteStore
 
 log = logging.getLogger(__name__)
 
 DB_FILE = "oo-ml.db"
+# Health entry of the engine's background jobs (NOT_SERVING while one keeps failing).
+UPKEEP_HEALTH = "oo.upkeep"
+_UPKEEP_HEALTH_EVERY_S = 1.0
 
 
 @dataclass
@@ -44,6 +56,7 @@ class App:
     port: int = 0
     engine: ScoringEngine | None = None
     store: SqliteStore | None = None
+    generator: Generator | None = None
     health: health.aio.HealthServicer = field(default_factory=health.aio.HealthServicer)
     _server: grpc.aio.Server | None = None
     _stop_bg: asyncio.Event = field(default_factory=asyncio.Event)
@@ -59,14 +72,17 @@ class App:
         self.store = store = SqliteStore.open(cfg.server.data_dir / DB_FILE)
         features: FeatureStore = NoStoredFeatures()
         tasks: TaskSource = NoTasks()
-        ingest = self._make_ingest(store)
+        ingest: Ingest | None = None
+        if cfg.ingest.enabled:
+            profiles = SqliteProfileStore(store.db, cfg.ingest.dedupe_window_s, ALL_FEATURES)
+            features = tasks = profiles
+            ingest = Ingest(cfg, profiles, self.health)
+        self.engine = engine = ScoringEngine(cfg.scoring, store, features, ALL_FEATURES)
+        self.generator = generator = self._make_generator(tasks)
         if ingest is not None:
-            features, tasks = ingest.feature_store(), ingest.task_source()
-        self.engine = ScoringEngine(cfg.scoring, self.store, features)
-        generator = self._make_generator(tasks)
-        if ingest is not None:
-            ingest.attach(self.engine)
+            ingest.attach(engine)
             self.ingest = ingest
+            self.metrics.gauges(lambda: {f"oo_ingest_{k}": v for k, v in ingest.stats().items()})
 
         server = grpc.aio.server(
             interceptors=[
@@ -81,7 +97,7 @@ class App:
         )
         scoring_pb2_grpc.add_ScoringServiceServicer_to_server(
             ScoringService(
-                self.engine,
+                engine,
                 generator,
                 cfg.scoring.max_candidates,
                 ingest_stats=ingest.stats if ingest is not None else dict,
@@ -100,13 +116,7 @@ class App:
         self.port = server.add_insecure_port(f"{cfg.server.host}:{cfg.server.port}")
         if self.port == 0:
             raise OSError(f"cannot bind {cfg.server.host}:{cfg.server.port}")
-        engine = self.engine
-        self.metrics.gauges(
-            lambda: {
-                "oo_background_failures": engine.background_failures,
-                "oo_users_locked": engine.users_locked,
-            }
-        )
+        self.metrics.gauges(lambda: _engine_gauges(engine))
         if cfg.server.metrics_port is not None:
             self._metrics_endpoint = MetricsEndpoint(
                 self.metrics, cfg.server.host, cfg.server.metrics_port
@@ -116,18 +126,32 @@ class App:
             await self.ingest.start()
         await server.start()
         self._server = server
-        for name in ("", SERVICE):
+        for name in ("", SERVICE, UPKEEP_HEALTH):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        self._bg = asyncio.create_task(self.engine.run_background(self._stop_bg))
+        self._bg = asyncio.create_task(self._run_upkeep(), name="oo-upkeep")
         log.info("oo-ml listening on %s:%d", cfg.server.host, self.port)
         return self.port
 
-    def _make_ingest(self, store: SqliteStore) -> Ingest | None:
-        if not self.config.ingest.enabled:
-            return None
-        ingest = Ingest(self.config, store, self.health)
-        self.metrics.gauges(lambda: {f"oo_ingest_{k}": v for k, v in ingest.stats().items()})
-        return ingest
+    async def _run_upkeep(self) -> None:
+        """The engine's jobs, and their health entry kept in step with them."""
+        assert self.engine is not None
+        upkeep = self.engine.upkeep
+
+        async def show_health() -> None:
+            shown: bool | None = None
+            while not self._stop_bg.is_set():
+                if upkeep.healthy != shown:
+                    shown = upkeep.healthy
+                    status = health_pb2.HealthCheckResponse
+                    await self.health.set(
+                        UPKEEP_HEALTH, status.SERVING if shown else status.NOT_SERVING
+                    )
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop_bg.wait(), _UPKEEP_HEALTH_EVERY_S)
+
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(upkeep.run(self._stop_bg))
+            tg.create_task(show_health())
 
     def _make_generator(self, tasks: TaskSource) -> Generator:
         check_config(self.config.llm)  # an unknown DEFAULT_PROMPT_VERSION fails at start
@@ -137,29 +161,78 @@ class App:
         generator.warm()
         return generator
 
+    async def wait(self) -> None:
+        """Until the server or the upkeep ends by itself (a failure): what `serve`
+        supervises beside the stop signal."""
+        waits: list[Awaitable[object]] = []
+        if self._server is not None:
+            waits.append(self._server.wait_for_termination())
+        if self._bg is not None:
+            waits.append(self._bg)
+        if self.ingest is not None:
+            waits.append(self.ingest.wait())
+        async with asyncio.TaskGroup() as tg:
+            for w in waits:
+                tg.create_task(_await(w))
+
     async def stop(self) -> None:
+        """Stop everything, in order; every step runs even if an earlier one failed."""
         if self._stopped:
             return
         self._stopped = True
-        await self.health.enter_graceful_shutdown()
+        steps: list[tuple[str, Callable[[], Awaitable[object]]]] = [
+            ("health", self.health.enter_graceful_shutdown),
+        ]
         if self._server is not None:
-            await self._server.stop(self.config.server.grace_s)
+            server = self._server
+            steps.append(("gRPC server", lambda: server.stop(self.config.server.grace_s)))
+        steps.append(("upkeep", self._stop_upkeep))
+        if self.engine is not None:
+            steps.append(("shadow scoring", self.engine.drain))
+        if self.ingest is not None:
+            steps.append(("ingest", self.ingest.stop))
+        if self.generator is not None:
+            steps.append(("generator", self.generator.aclose))
+        if self.store is not None:
+            steps.append(("store", self.store.close))
+        if self._metrics_endpoint is not None:
+            steps.append(("metrics endpoint", self._metrics_endpoint.stop))
+        first: BaseException | None = None
+        for name, step in steps:
+            try:
+                await step()
+            except Exception as e:
+                log.error("stopping the %s failed: %s", name, e, exc_info=e)
+                first = first or e
+        log.info("oo-ml stopped")
+        if first is not None:
+            raise first
+
+    async def _stop_upkeep(self) -> None:
         self._stop_bg.set()
         if self._bg is not None:
             await self._bg
-        if self.engine is not None:
-            await self.engine.drain()
-        if self.ingest is not None:
-            await self.ingest.stop()
-        if self.store is not None:
-            await self.store.close()
-        if self._metrics_endpoint is not None:
-            await self._metrics_endpoint.stop()
-        log.info("oo-ml stopped")
+
+
+async def _await(w: Awaitable[object]) -> None:
+    await w
+
+
+def _engine_gauges(engine: ScoringEngine) -> dict[str, float]:
+    out: dict[str, float] = {
+        "oo_background_failures": engine.background_failures,
+        "oo_users_locked": engine.users_locked,
+        "oo_decisions_set_aside": engine.upkeep.set_aside,
+    }
+    for job in engine.upkeep.status():
+        out[f'oo_upkeep_failures_total{{job="{job.name}"}}'] = job.failures_total
+        out[f'oo_upkeep_consecutive_failures{{job="{job.name}"}}'] = job.consecutive_failures
+        out[f'oo_upkeep_last_success_timestamp_seconds{{job="{job.name}"}}'] = job.last_success_at
+    return out
 
 
 async def serve(config: Config) -> None:
-    """Run until SIGTERM or SIGINT, then stop gracefully."""
+    """Run until SIGTERM or SIGINT (or until a supervised part fails), then stop."""
     app = App(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -169,8 +242,20 @@ async def serve(config: Config) -> None:
         port = await app.start()
         # One line on stdout that scripts and tests can wait for.
         print(f"oo-ml listening on {config.server.host}:{port}", flush=True)
-        await stop.wait()
-        log.info("signal received: draining")
+        signalled = asyncio.create_task(stop.wait())
+        running = asyncio.create_task(app.wait())
+        done, _ = await asyncio.wait({signalled, running}, return_when=asyncio.FIRST_COMPLETED)
+        if signalled in done:
+            log.info("signal received: draining")
+        else:
+            signalled.cancel()
+            log.error(
+                "a supervised part of the server stopped: %s; shutting down", running.exception()
+            )
+        # Not cancelled: stop() ends each part, and with it the wait (cancelling grpc's
+        # wait_for_termination would cancel the server's own shutdown).
+        await app.stop()
+        await asyncio.gather(running, return_exceptions=True)
     finally:
         try:
             await app.stop()

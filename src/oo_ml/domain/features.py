@@ -3,7 +3,8 @@
 Assembly takes what the request gave (`Inputs`), fills each missing value from its
 contract's source (server clock, task store, profile store) when that value is fresh
 under the contract's TTL, and falls back to the contract's fallback otherwise. A value in
-the request always wins. Every range, TTL and fallback comes from `contracts`.
+the request always wins. Every range, TTL and fallback comes from the contracts the caller
+passes (read from the proto descriptors by `oo_ml.schema.contracts`).
 
 The vectorisers turn assembled values into x:
   v1 (D=7):  bias, sin/cos hour, sin/cos weekday, open-task load, overdue-task load
@@ -27,7 +28,7 @@ from typing import Protocol
 import numpy as np
 import numpy.typing as npt
 
-from oo_ml.schema.contracts import ALL_FEATURES, FeatureContract, Source
+from oo_ml.domain.contracts import Contracts, FeatureContract, Source
 
 Vector = npt.NDArray[np.float64]
 
@@ -135,13 +136,16 @@ def _fresh(contract: FeatureContract, stored: StoredValue | None, now: float) ->
 
 
 def assemble(
-    inputs: Inputs, stored: Mapping[str, StoredValue], now: float | None = None
+    contracts: Contracts,
+    inputs: Inputs,
+    stored: Mapping[str, StoredValue],
+    now: float | None = None,
 ) -> Assembled:
     """Fill every contracted feature: request, then its source, then the fallback."""
     now = time.time() if now is None else now
     values: dict[str, float] = {}
     origins: dict[str, Origin] = {}
-    for name, contract in ALL_FEATURES.items():
+    for name, contract in contracts.items():
         given = inputs.values.get(name)
         if given is not None:
             values[name], origins[name] = float(given), Origin.REQUEST

@@ -1,4 +1,4 @@
-"""Off-policy evaluation and the promotion gate.
+"""Off-policy evaluation: IPS, SNIPS and doubly-robust estimates with a 95% CI.
 
 The estimators, for a target policy pi evaluated on decisions logged by a policy mu.
 Sample i has the logged arm a_i, its logging propensity mu_i = mu(a_i | x_i) and reward
@@ -14,12 +14,8 @@ These are the formulas the server uses for its shadows: the engine calls `sample
 per rewarded sample and `from_sums` on the running sums for `Stats.shadows`; `estimate`
 runs both over arrays (offline logs), so online and offline numbers are the same maths.
 
-The gate (`promote`): promote a candidate only when it has at least `min_samples`
-samples and the lower bound of its DR 95% CI exceeds the served policy's mean reward
-plus `margin` (a tie refuses). Every decision carries a reason naming the numbers.
-Inputs are plain values: an `OffPolicyEstimate` from `estimate` (an offline log), or the
-fields of a server's `StatsResponse.shadows` entry via `promote_from_stats`. Nothing here
-imports generated protobuf code.
+The promotion gate that decides on these numbers is `promotion`. Nothing here imports
+generated protobuf code.
 """
 
 from __future__ import annotations
@@ -33,7 +29,6 @@ import numpy.typing as npt
 
 # Two-sided 95% normal quantile, as in the server's Stats.
 Z95 = 1.96
-DEFAULT_MIN_SAMPLES = 500
 
 FloatArray = npt.NDArray[np.float64]
 
@@ -52,15 +47,6 @@ class OffPolicyEstimate:
     dr_ci_high: float
     served_mean: float
     """The logging (served) policy's own mean reward on the same samples."""
-
-
-@dataclass(frozen=True, slots=True)
-class GateDecision:
-    promote: bool
-    reason: str
-
-    def __str__(self) -> str:
-        return self.reason
 
 
 def sample_terms(
@@ -154,63 +140,3 @@ def estimate(
         dr_sq_sum=float(dr @ dr),
         reward_sum=float(rewards.sum()),
     )
-
-
-def promote(
-    candidate: OffPolicyEstimate,
-    served_mean: float,
-    *,
-    min_samples: int = DEFAULT_MIN_SAMPLES,
-    margin: float = 0.0,
-    served: str = "the served policy",
-) -> GateDecision:
-    """Promote only with at least `min_samples` samples and dr_ci_low > served_mean + margin."""
-    if min_samples < 1:
-        raise ValueError(f"min_samples must be >= 1 (got {min_samples})")
-    name = candidate.policy
-    summary = (
-        f"DR {candidate.dr:.4f} [95% CI {candidate.dr_ci_low:.4f}, {candidate.dr_ci_high:.4f}]"
-        f" on {candidate.samples} samples; {served} mean {served_mean:.4f}, margin {margin:.4f}"
-    )
-    numbers = (candidate.dr, candidate.dr_ci_low, candidate.dr_ci_high, served_mean, margin)
-    if not all(math.isfinite(v) for v in numbers):
-        return GateDecision(False, f"refuse {name}: an estimate is not finite ({summary})")
-    if candidate.samples < min_samples:
-        return GateDecision(
-            False,
-            f"refuse {name}: {candidate.samples} samples, fewer than the {min_samples} required"
-            f" ({summary})",
-        )
-    threshold = served_mean + margin
-    if candidate.dr_ci_low <= threshold:
-        return GateDecision(
-            False,
-            f"refuse {name}: DR CI lower bound {candidate.dr_ci_low:.4f} does not exceed"
-            f" {served} mean {served_mean:.4f} + margin {margin:.4f} = {threshold:.4f} ({summary})",
-        )
-    return GateDecision(
-        True,
-        f"promote {name}: DR CI lower bound {candidate.dr_ci_low:.4f} exceeds {served} mean"
-        f" {served_mean:.4f} + margin {margin:.4f} = {threshold:.4f} ({summary})",
-    )
-
-
-def promote_from_stats(
-    *,
-    policy: str,
-    samples: int,
-    ips: float,
-    snips: float,
-    dr: float,
-    dr_ci_low: float,
-    dr_ci_high: float,
-    served_mean: float,
-    min_samples: int = DEFAULT_MIN_SAMPLES,
-    margin: float = 0.0,
-    served: str = "the served policy",
-) -> GateDecision:
-    """The gate on a running server's numbers: one `StatsResponse.shadows` entry."""
-    candidate = OffPolicyEstimate(
-        policy, samples, ips, snips, dr, dr_ci_low, dr_ci_high, served_mean
-    )
-    return promote(candidate, served_mean, min_samples=min_samples, margin=margin, served=served)

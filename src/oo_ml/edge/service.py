@@ -14,12 +14,12 @@ from typing import Any
 import grpc
 
 from oo.scoring.v1 import scoring_pb2, scoring_pb2_grpc
-from oo_ml.domain.engine.scoring import Candidate, ScoreCommand, ScoringEngine, StatsReport
+from oo_ml.domain.engine import Candidate, ScoreCommand, ScoringEngine, StatsReport
 from oo_ml.domain.features import Assembled, Inputs
+from oo_ml.domain.ports import GenerationRecord
 from oo_ml.generate.generator import Generation, Generator
 from oo_ml.schema.contracts import CONTEXT_FEATURES, PROFILE_FEATURES
 from oo_ml.schema.validation import validate
-from oo_ml.stores.ports import GenerationRecord
 
 _CANDIDATES = scoring_pb2.ScoreRequest.DESCRIPTOR.fields_by_name["candidates"].full_name
 

@@ -9,15 +9,14 @@ Importing this package does not import LiteLLM (seconds, ~170 MB); the first mod
 or `Generator.warm()` does.
 """
 
+from oo_ml.errors import LLMFailure, ProviderError
 from oo_ml.generate.gateway import (
     Chunk,
     Completion,
     Gateway,
     LiteLLMClient,
     LLMClient,
-    LLMFailure,
     LLMRequest,
-    ProviderError,
     Usage,
     warm_in_background,
 )

@@ -35,7 +35,7 @@ from types import ModuleType
 from typing import Any, Protocol
 
 from oo_ml.config import LLMConfig
-from oo_ml.errors import OoError
+from oo_ml.errors import LLMFailure, ProviderError
 
 log = logging.getLogger(__name__)
 
@@ -76,24 +76,6 @@ class Chunk:
 
     delta: str = ""
     usage: Usage | None = None
-
-
-class ProviderError(OoError):
-    """One attempt failed at the provider. `detail` is short and holds no request data."""
-
-    def __init__(self, detail: str, *, retryable: bool, timed_out: bool = False) -> None:
-        super().__init__(detail)
-        self.detail = detail
-        self.retryable = retryable
-        self.timed_out = timed_out
-
-
-class LLMFailure(OoError):
-    """The gateway gave up; `reason` is the fallback reason ("timeout", "overloaded", ...)."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
 
 
 class LLMClient(Protocol):

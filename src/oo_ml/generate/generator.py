@@ -37,6 +37,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import logging
+import sys
 import time
 import uuid
 from collections.abc import AsyncGenerator, Mapping, Sequence
@@ -45,13 +46,13 @@ from types import ModuleType
 
 from oo_ml.config import LLMConfig
 from oo_ml.domain.features import Assembled, TaskSource, TaskView
+from oo_ml.errors import LLMFailure
 from oo_ml.generate.fallback import check_output, clean_output, pick_fallback
 from oo_ml.generate.gateway import (
     NO_USAGE,
     Gateway,
     LiteLLMClient,
     LLMClient,
-    LLMFailure,
     LLMRequest,
     Usage,
     warm_in_background,
@@ -115,6 +116,15 @@ class Generator:
         self._gateway = Gateway(
             config, client if client is not None else LiteLLMClient(config.api_base)
         )
+
+    async def aclose(self) -> None:
+        """Close LiteLLM's pooled async HTTP clients, if LiteLLM was ever loaded."""
+        litellm = sys.modules.get("litellm")
+        if litellm is None or not self._uses_litellm:
+            return
+        from litellm.llms.custom_httpx.async_client_cleanup import close_litellm_async_clients
+
+        await close_litellm_async_clients()  # type: ignore[no-untyped-call]
 
     def resolve_version(self, user_id: str, requested: str) -> str:
         """The prompt version for this request; `InvalidArgument` when unknown."""

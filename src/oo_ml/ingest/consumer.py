@@ -27,9 +27,11 @@ from nats.errors import ConnectionClosedError
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
+from oo_ml.domain.events import Event, UnknownKind
+from oo_ml.errors import BadEvent
 from oo_ml.ingest.counters import IngestCounters
 from oo_ml.ingest.dead_letters import DeadLetters
-from oo_ml.ingest.decode import BadEvent, Event, UnknownKind, decode
+from oo_ml.ingest.decode import decode
 from oo_ml.ingest.effects import Applier, Outcome, Result
 
 log = logging.getLogger(__name__)

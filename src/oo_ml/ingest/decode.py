@@ -14,9 +14,7 @@ reason.
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 from google.protobuf import json_format
@@ -24,7 +22,20 @@ from google.protobuf.message import DecodeError
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from oo.events.v1 import envelope_pb2, signals_pb2
-from oo_ml.errors import InvalidArgument
+from oo_ml.domain.events import (
+    Action,
+    Event,
+    Integration,
+    IntegrationChange,
+    Payload,
+    Task,
+    TaskSynced,
+    TipFeedback,
+    TipServed,
+    TipViewed,
+    UnknownKind,
+)
+from oo_ml.errors import BadEvent, InvalidArgument
 from oo_ml.schema.validation import validate
 
 # "v1" is what the producers write (the schema package's version; a breaking change bumps
@@ -33,89 +44,6 @@ from oo_ml.schema.validation import validate
 CURRENT_SCHEMA_VERSION = "v1"
 KNOWN_SCHEMA_VERSIONS = frozenset({CURRENT_SCHEMA_VERSION, "1"})
 JSON_CONTENT_TYPE = "application/json"
-
-
-class BadEvent(Exception):
-    """A message that can never be applied: its reason goes to the dead-letter copy."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-
-class Action(enum.Enum):
-    COMPLETED = signals_pb2.TIP_ACTION_COMPLETED
-    DISMISSED = signals_pb2.TIP_ACTION_DISMISSED
-    SNOOZED = signals_pb2.TIP_ACTION_SNOOZED
-
-
-@dataclass(frozen=True, slots=True)
-class TipServed:
-    decision_id: str
-    tip_id: str
-
-
-@dataclass(frozen=True, slots=True)
-class TipViewed:
-    decision_id: str
-    tip_id: str
-    dwell_ms: int
-
-
-@dataclass(frozen=True, slots=True)
-class TipFeedback:
-    decision_id: str
-    tip_id: str
-    action: Action
-    dwell_ms: int
-
-
-@dataclass(frozen=True, slots=True)
-class Task:
-    task_id: str
-    title: str  # user data: stored for prompts, never logged
-    due_at: float | None
-    priority: int
-    completed: bool
-
-
-@dataclass(frozen=True, slots=True)
-class TaskSynced:
-    provider: str
-    tasks: tuple[Task, ...]
-
-
-class IntegrationChange(enum.Enum):
-    CONNECTED = "connected"
-    DISCONNECTED = "disconnected"
-    SYNC_FAILED = "sync_failed"
-
-
-@dataclass(frozen=True, slots=True)
-class Integration:
-    provider: str
-    change: IntegrationChange
-    detail: str  # account id, reason or error
-    attempt: int = 0
-    retryable: bool = False
-
-
-Payload = TipServed | TipViewed | TipFeedback | TaskSynced | Integration
-
-
-@dataclass(frozen=True, slots=True)
-class Event:
-    event_id: str
-    user_id: str
-    occurred_at: float  # unix seconds, from the envelope
-    kind: str  # the envelope's payload field name
-    payload: Payload
-
-
-@dataclass(frozen=True, slots=True)
-class UnknownKind:
-    event_id: str
-    kind: str  # the payload field name, or "" when none this build knows is set
 
 
 def _seconds(ts: Timestamp) -> float:
@@ -127,12 +55,20 @@ def _task(t: signals_pb2.Task) -> Task:
     return Task(t.id, t.title, due, t.priority, t.completed)
 
 
+# Validation has already refused TIP_ACTION_UNSPECIFIED (the field is required).
+_ACTIONS = {
+    signals_pb2.TIP_ACTION_COMPLETED: Action.COMPLETED,
+    signals_pb2.TIP_ACTION_DISMISSED: Action.DISMISSED,
+    signals_pb2.TIP_ACTION_SNOOZED: Action.SNOOZED,
+}
+
+
 # One translator per payload kind this build handles. Adding a kind = adding an entry here
 # and its effect in `profile_store`; a kind missing here is UnknownKind, not an error.
 _TRANSLATORS: dict[str, Callable[[Any], Payload]] = {
     "tip_served": lambda m: TipServed(m.decision_id, m.tip_id),
     "tip_viewed": lambda m: TipViewed(m.decision_id, m.tip_id, m.dwell_ms),
-    "tip_feedback": lambda m: TipFeedback(m.decision_id, m.tip_id, Action(m.action), m.dwell_ms),
+    "tip_feedback": lambda m: TipFeedback(m.decision_id, m.tip_id, _ACTIONS[m.action], m.dwell_ms),
     "task_synced": lambda m: TaskSynced(m.provider, tuple(_task(t) for t in m.tasks)),
     "integration_connected": lambda m: Integration(
         m.provider, IntegrationChange.CONNECTED, m.account_id

@@ -29,23 +29,22 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
-import sqlite3
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 from oo_ml.config import IngestConfig
-from oo_ml.domain.engine.scoring import RewardResult
+from oo_ml.domain.engine import RewardResult
+from oo_ml.domain.events import Action, Event, TipFeedback
+from oo_ml.domain.ports import ProfileStore
 from oo_ml.errors import FailedPrecondition, NotFound, Unavailable
 from oo_ml.ingest.counters import IngestCounters
-from oo_ml.ingest.decode import Action, Event, TipFeedback
-from oo_ml.stores.sqlite.profiles import ProfileStore
 
 log = logging.getLogger(__name__)
 
-# Failures a retry may fix: the store could not commit (TransientStoreError is an
-# Unavailable), or SQLite was locked or busy.
-TRANSIENT: tuple[type[BaseException], ...] = (Unavailable, sqlite3.OperationalError)
+# Failures a retry may fix: a store could not commit or was busy (TransientStoreError is
+# an Unavailable; every store adapter raises its own such failures as one).
+TRANSIENT: tuple[type[BaseException], ...] = (Unavailable,)
 
 _REWARD_CONCURRENCY = 64
 

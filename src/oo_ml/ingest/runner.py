@@ -1,7 +1,7 @@
 """`Ingest`: the JetStream ingest's lifecycle, connection and health, as the supervisor sees it.
 
-    ingest = Ingest(config, store, health)
-    engine = ScoringEngine(..., features=ingest.feature_store())   # tasks: ingest.task_source()
+    ingest = Ingest(config, profiles, health)    # profiles: the ProfileStore port
+    engine = ScoringEngine(..., features=profiles)
     ingest.attach(engine)             # rewards go to the engine; decisions come back as signals
     await ingest.start()              # before the gRPC server starts
     ...
@@ -38,16 +38,16 @@ from nats.aio.client import Client
 from nats.js import JetStreamContext
 
 from oo_ml.config import Config
-from oo_ml.domain.engine.scoring import DecisionListener, RewardResult
+from oo_ml.domain.engine import DecisionListener, RewardResult
+from oo_ml.domain.ports import ProfileStore
+from oo_ml.errors import IncompatibleStream
 from oo_ml.ingest.consumer import BatchConsumer
 from oo_ml.ingest.counters import IngestCounters
 from oo_ml.ingest.dead_letters import DeadLetters
 from oo_ml.ingest.effects import Applier
 from oo_ml.ingest.nats_server import LocalNatsServer
 from oo_ml.ingest.publisher import ServePublisher
-from oo_ml.ingest.streams import CONSUMERS, DLQ, IncompatibleStream, Topology, ensure_topology
-from oo_ml.stores.sqlite.db import SqliteStore
-from oo_ml.stores.sqlite.profiles import ProfileStore
+from oo_ml.ingest.streams import CONSUMERS, DLQ, Topology, ensure_topology
 
 log = logging.getLogger(__name__)
 
@@ -91,21 +91,19 @@ class Ingest:
     def __init__(
         self,
         config: Config,
-        store: SqliteStore | None,
+        profiles: ProfileStore,
         health: Any = None,
         *,
         tuning: IngestTuning | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        if store is None:  # the supervisor's attribute is optional until it opens the store
-            raise ValueError("Ingest needs an open SqliteStore")
         self.config = config
         self.settings = config.ingest
         self.health = health
         self.tuning = tuning or IngestTuning()
         self.clock = clock
         self.counters = IngestCounters()
-        self.profiles = ProfileStore(store.db, self.settings.dedupe_window_s)
+        self.profiles = profiles
         self.publisher = ServePublisher(
             self.counters, self.tuning.publish_queue, self.tuning.publish_timeout_s
         )
@@ -188,6 +186,16 @@ class Ingest:
                 "NATS at %s is not reachable yet: ingest starts when it is; Score is unaffected",
                 url,
             )
+
+    async def wait(self) -> None:
+        """Until the ingest has stopped (its loops restart themselves after a failure)."""
+        if self._main is not None:
+            await self._main
+        while not self._stop.is_set() or any(not t.done() for t in self._tasks):
+            if self._tasks:
+                await asyncio.gather(*self._tasks, return_exceptions=True)
+            if not self._stop.is_set():
+                await self._stop.wait()
 
     async def stop(self) -> None:
         """Idempotent. Settles what is in flight; the caller closes the store afterwards."""

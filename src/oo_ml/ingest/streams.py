@@ -28,6 +28,7 @@ from nats.js import JetStreamContext, api
 from nats.js.errors import BadRequestError, NotFoundError
 
 from oo_ml.config import IngestConfig
+from oo_ml.errors import IncompatibleStream
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +58,6 @@ class ConsumerSpec:
 
 
 CONSUMERS = (ConsumerSpec(SIGNALS, "oo-ml-signals"), ConsumerSpec(FEEDBACK, "oo-ml-feedback"))
-
-
-class IncompatibleStream(Exception):
-    """An existing stream or consumer cannot serve the ingest; the message says why."""
 
 
 def subject_covers(pattern: str, subject: str) -> bool:

@@ -1,14 +1,14 @@
-"""Feature contracts and field rules, read from the proto descriptors.
+"""The proto registry read at run time: feature contracts and field rules from the descriptors.
 
 The .proto files are the single source of truth: `(oo.options.v1.feature)` declares each
 context and profile feature's dtype, range, TTL, source and fallback, and
 `(oo.options.v1.rules)` each request or event field's constraints. This module turns the
-descriptors into frozen dataclasses once, at import, so nothing is mirrored by hand.
+descriptors into frozen dataclasses once, at import, so nothing is mirrored by hand. The
+contracts are domain values (`oo_ml.domain.contracts`); the rules serve `validation`.
 """
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass
 from functools import cache
 
@@ -16,35 +16,15 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 
 from oo.options.v1 import options_pb2
 from oo.scoring.v1 import scoring_pb2
+from oo_ml.domain.contracts import Contracts, Dtype, FeatureContract, Source
 
-
-class Dtype(enum.Enum):
-    FLOAT64 = options_pb2.DTYPE_FLOAT64
-    UINT32 = options_pb2.DTYPE_UINT32
-
-
-class Source(enum.Enum):
-    REQUEST = options_pb2.SOURCE_REQUEST
-    SERVER_CLOCK = options_pb2.SOURCE_SERVER_CLOCK
-    TASK_STORE = options_pb2.SOURCE_TASK_STORE
-    PROFILE_STORE = options_pb2.SOURCE_PROFILE_STORE
-
-
-@dataclass(frozen=True, slots=True)
-class FeatureContract:
-    """One feature's contract as declared in proto."""
-
-    name: str
-    dtype: Dtype
-    min: float
-    max: float
-    ttl_seconds: int
-    source: Source
-    fallback: float
-    description: str
-
-    def in_range(self, value: float) -> bool:
-        return self.min <= value <= self.max
+_DTYPES = {options_pb2.DTYPE_FLOAT64: Dtype.FLOAT64, options_pb2.DTYPE_UINT32: Dtype.UINT32}
+_SOURCES = {
+    options_pb2.SOURCE_REQUEST: Source.REQUEST,
+    options_pb2.SOURCE_SERVER_CLOCK: Source.SERVER_CLOCK,
+    options_pb2.SOURCE_TASK_STORE: Source.TASK_STORE,
+    options_pb2.SOURCE_PROFILE_STORE: Source.PROFILE_STORE,
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,11 +49,11 @@ def _feature_of(field: FieldDescriptor) -> FeatureContract | None:
     c = opts.Extensions[options_pb2.feature]
     return FeatureContract(
         name=field.name,
-        dtype=Dtype(c.dtype),
+        dtype=_DTYPES[c.dtype],
         min=c.min,
         max=c.max,
         ttl_seconds=c.ttl_seconds,
-        source=Source(c.source),
+        source=_SOURCES[c.source],
         fallback=c.fallback,
         description=c.description,
     )
@@ -112,7 +92,7 @@ def feature_of(field: FieldDescriptor) -> FeatureContract | None:
 
 CONTEXT_FEATURES: tuple[FeatureContract, ...] = features_of(scoring_pb2.Context.DESCRIPTOR)
 PROFILE_FEATURES: tuple[FeatureContract, ...] = features_of(scoring_pb2.ProfileFeatures.DESCRIPTOR)
-ALL_FEATURES: dict[str, FeatureContract] = {c.name: c for c in CONTEXT_FEATURES + PROFILE_FEATURES}
+ALL_FEATURES: Contracts = {c.name: c for c in CONTEXT_FEATURES + PROFILE_FEATURES}
 
 MAX_CANDIDATES: int = (
     rules_of(scoring_pb2.ScoreRequest.DESCRIPTOR.fields_by_name["candidates"]) or FieldRules()

@@ -17,8 +17,9 @@ from typing import Any
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
+from oo_ml.domain.contracts import FeatureContract
 from oo_ml.errors import FieldViolation, InvalidArgument
-from oo_ml.schema.contracts import FeatureContract, FieldRules, feature_of, rules_of
+from oo_ml.schema.contracts import FieldRules, feature_of, rules_of
 
 _FLOATS = (FieldDescriptor.TYPE_DOUBLE, FieldDescriptor.TYPE_FLOAT)
 _MESSAGE = FieldDescriptor.TYPE_MESSAGE

@@ -54,10 +54,12 @@ import numpy.typing as npt
 
 from oo_ml.config import ScoringConfig
 from oo_ml.domain import ope as gate
-from oo_ml.domain.engine.scoring import rng_for
+from oo_ml.domain import promotion
 from oo_ml.domain.features import FEATURE_VERSIONS, Inputs, Vector, assemble
 from oo_ml.domain.policies import Policy, build_policies, estimates
+from oo_ml.domain.rng import rng_for
 from oo_ml.domain.state import PolicyState, empty_state, population_prior
+from oo_ml.schema.contracts import ALL_FEATURES
 
 ARMS: tuple[str, ...] = ("focus", "break", "plan", "review")
 ORACLE = "oracle"
@@ -236,7 +238,7 @@ def make_world(config: SimulationConfig) -> World:
                 "preferred_hour": preferred[u],
                 "tip_volume_30d": float(volume0[u] + r - joined[u]),
             }
-            assembled = assemble(Inputs(values), {}, now=0.0)
+            assembled = assemble(ALL_FEATURES, Inputs(values), {}, now=0.0)
             for v, fv in FEATURE_VERSIONS.items():
                 xs[v][r, u] = fv.vectorise(assembled)
     return World(config=config, joined=joined, x=xs, p=p, draws=draws)
@@ -473,14 +475,14 @@ class Evaluation:
     """The target's true expected reward on the logged contexts (see `ShadowReplay`)."""
     online: PolicyResult
     """The target's own run on the same world."""
-    decision: gate.GateDecision
+    decision: promotion.GateDecision
 
 
 @dataclass(frozen=True, slots=True)
 class Report:
     simulation: SimulationResult
     evaluations: tuple[Evaluation, ...] = ()
-    min_samples: int = gate.DEFAULT_MIN_SAMPLES
+    min_samples: int = promotion.DEFAULT_MIN_SAMPLES
     margin: float = 0.0
 
 
@@ -491,7 +493,7 @@ def simulate_and_evaluate(
     *,
     log_policy: str | None = None,
     evaluate: Sequence[str] = (),
-    min_samples: int = gate.DEFAULT_MIN_SAMPLES,
+    min_samples: int = promotion.DEFAULT_MIN_SAMPLES,
     margin: float = 0.0,
 ) -> Report:
     """Simulate, then evaluate each of `evaluate` off-policy on `log_policy`'s log and run
@@ -509,7 +511,7 @@ def simulate_and_evaluate(
                 estimate=est,
                 value_on_log=shadow.value_on(sim.log),
                 online=sim.result(name),
-                decision=gate.promote(
+                decision=promotion.promote(
                     est,
                     est.served_mean,
                     min_samples=min_samples,

@@ -1,0 +1,7 @@
+"""Storage adapters for the ports in `oo_ml.domain.ports`.
+
+codec      domain values <-> oo.state.v1 bytes (the only module that knows that proto)
+memory     an in-memory StateStore (tests, the simulator)
+sqlite/    the embedded default: `db` (the group-commit executor), `scoring` (state and
+           decision log), `profiles` and `profile_writes` (the ingest's tables)
+"""

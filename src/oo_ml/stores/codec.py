@@ -7,15 +7,28 @@ rather than guess at it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TypeVar
+
 import numpy as np
+from google.protobuf.message import DecodeError
 
 from oo.state.v1 import state_pb2
 from oo_ml.domain.decisions import DecisionRecord, LoggedCandidate, ShadowView
 from oo_ml.domain.state import FORMAT_VERSION, ArmModel, PolicyState
+from oo_ml.errors import UnreadableRecord, UnsupportedFormat
+
+T = TypeVar("T")
 
 
-class UnsupportedFormat(ValueError):
-    pass
+def _readable(what: str, decode: Callable[[bytes], T], data: bytes) -> T:
+    """decode(data), with any failure to read it raised as UnreadableRecord."""
+    try:
+        return decode(data)
+    except UnreadableRecord:
+        raise
+    except (DecodeError, ValueError, IndexError, TypeError) as e:
+        raise UnreadableRecord(f"{what} does not decode: {type(e).__name__}: {e}") from None
 
 
 def _check(version: int, what: str) -> None:
@@ -47,6 +60,10 @@ def encode_state(s: PolicyState) -> bytes:
 
 
 def decode_state(data: bytes) -> PolicyState:
+    return _readable("PolicyState", _decode_state, data)
+
+
+def _decode_state(data: bytes) -> PolicyState:
     msg = state_pb2.PolicyState.FromString(data)
     _check(msg.format_version, "PolicyState")
     d = msg.dim
@@ -106,6 +123,10 @@ def encode_decision(r: DecisionRecord) -> bytes:
 
 
 def decode_decision(data: bytes) -> DecisionRecord:
+    return _readable("Decision", _decode_decision, data)
+
+
+def _decode_decision(data: bytes) -> DecisionRecord:
     msg = state_pb2.Decision.FromString(data)
     _check(msg.format_version, "Decision")
     return DecisionRecord(

@@ -13,7 +13,7 @@ import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from oo_ml.ingest.decode import (
+from oo_ml.domain.events import (
     Action,
     Event,
     Integration,

@@ -28,9 +28,9 @@ import sqlite3
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
+from oo_ml.domain.contracts import Contracts
+from oo_ml.domain.events import Event
 from oo_ml.domain.features import StoredValue, TaskView, utc_offset_minutes
-from oo_ml.ingest.decode import Event
-from oo_ml.schema.contracts import ALL_FEATURES
 from oo_ml.stores.sqlite.db import SqliteDB
 from oo_ml.stores.sqlite.profile_writes import (
     DAY_S,
@@ -60,9 +60,6 @@ _NAMES = {
     PREFERRED_HOUR,
     TIP_VOLUME,
 }
-# The names are the proto contracts'; fail at import if a contract is renamed.
-if not ALL_FEATURES.keys() >= _NAMES:
-    raise RuntimeError(f"features without a contract: {_NAMES - ALL_FEATURES.keys()}")
 
 # Each entry moves the ingest schema from version i to i + 1. Append only.
 _MIGRATIONS: list[str] = [
@@ -211,12 +208,17 @@ def _stored_features(conn: sqlite3.Connection, user_id: str, now: float) -> dict
     return out
 
 
-class ProfileStore:
-    """FeatureStore and TaskSource over the ingest tables, plus the batch writes of `effects`."""
+class SqliteProfileStore:
+    """The `ProfileStore` port over the ingest tables: FeatureStore and TaskSource for Score
+    and Generate, and the batch writes of ingest's `effects`."""
 
-    def __init__(self, db: SqliteDB, dedupe_window_s: float) -> None:
+    def __init__(self, db: SqliteDB, dedupe_window_s: float, contracts: Contracts) -> None:
+        # The names are the proto contracts'; fail at start-up if a contract is renamed.
+        if not contracts.keys() >= _NAMES:
+            raise RuntimeError(f"features without a contract: {_NAMES - contracts.keys()}")
         self.db = db
         self.dedupe_window_s = dedupe_window_s
+        self._task_ttl_s = contracts[OPEN_TASKS].ttl_seconds
         self._ready = False
 
     async def ensure_schema(self) -> None:
@@ -246,7 +248,7 @@ class ProfileStore:
     async def open_tasks(self, user_id: str, now: float, limit: int) -> list[TaskView]:
         """Open tasks, overdue first, then by due time and priority. Empty when the last
         snapshot is older than the open_tasks contract's TTL: stale tasks mislead a prompt."""
-        ttl = ALL_FEATURES[OPEN_TASKS].ttl_seconds
+        ttl = self._task_ttl_s
 
         def q(conn: sqlite3.Connection) -> list[TaskView]:
             synced = conn.execute(

@@ -1,29 +1,33 @@
-"""Storage ports: what the engine needs from a store, as Protocols, and the write vocabulary.
+"""The ports: what the domain needs from storage, as Protocols, and the write vocabulary.
 
-Stores persist bytes made by `state_codec`; they never see a proto or a numpy array.
+The domain owns these interfaces; the adapters in `oo_ml.stores` implement them (SQLite,
+in memory). Stores take and return domain values (`PolicyState`, `DecisionRecord`) and
+encode them themselves with `stores.codec`, off the event loop; the domain never sees a
+proto or a byte string.
 
 - `StateStore`: per (user, policy) state with `get` and compare-and-set on a revision.
-  Implementations: `sqlite_store.SqliteStore` (embedded default) and `MemoryStateStore`
-  (tests and the simulator).
 - `Store`: a `StateStore` that also keeps the decision log and commits a list of writes
   atomically, so that a reward and the state it changes land together or not at all.
+- `ProfileStore`: the ingest's profile and task tables, with exactly-once event records;
+  it is also the `FeatureStore` and `TaskSource` that Score and Generate read.
 """
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from oo_ml.domain.decisions import RewardState
-from oo_ml.errors import OoError
+from oo_ml.domain.decisions import DecisionRecord, RewardState
+from oo_ml.domain.events import Event
+from oo_ml.domain.features import StoredValue, TaskView
+from oo_ml.domain.state import PolicyState
 
 
 @dataclass(frozen=True, slots=True)
 class StoredState:
     revision: int
-    data: bytes
+    state: PolicyState
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,26 +37,19 @@ class PutState:
     user_id: str
     policy: str
     revision: int
-    data: bytes
+    state: PolicyState
 
 
 @dataclass(frozen=True, slots=True)
 class InsertDecision:
-    decision_id: str
-    user_id: str
-    policy: str
-    created_at: float
-    chosen_arm: str
-    prompt_version: str
-    data: bytes
+    record: DecisionRecord
 
 
 @dataclass(frozen=True, slots=True)
-class ReplaceDecisionData:
+class ReplaceDecision:
     """Attach late results (the shadows' views) to a logged decision."""
 
-    decision_id: str
-    data: bytes
+    record: DecisionRecord
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,16 +73,12 @@ class AddOffPolicy:
     dr: float  # the doubly-robust term of this sample
 
 
-Write = PutState | InsertDecision | ReplaceDecisionData | MarkRewarded | AddOffPolicy
-
-
-class Conflict(OoError):
-    """A conditional write found the store changed; nothing in the commit was applied."""
+Write = PutState | InsertDecision | ReplaceDecision | MarkRewarded | AddOffPolicy
 
 
 @dataclass(frozen=True, slots=True)
 class StoredDecision:
-    data: bytes
+    record: DecisionRecord
     reward: RewardState
 
 
@@ -136,12 +129,14 @@ class GenerationRecord:
 
 
 class StateStore(Protocol):
-    async def get(self, user_id: str, policy: str) -> StoredState | None: ...
+    async def get(self, user_id: str, policy: str) -> StoredState | None:
+        """The state and its revision; `UnreadableRecord` if it does not decode."""
+        ...
 
     async def compare_and_set(
-        self, user_id: str, policy: str, revision: int, data: bytes
+        self, user_id: str, policy: str, revision: int, state: PolicyState
     ) -> int | None:
-        """Store data if the current revision is `revision`; the new revision, or None."""
+        """Store state if the current revision is `revision`; the new revision, or None."""
         ...
 
 
@@ -151,15 +146,23 @@ class Store(StateStore, Protocol):
         Returns the new revision of each state written."""
         ...
 
-    async def get_decision(self, decision_id: str) -> StoredDecision | None: ...
+    async def get_decision(self, decision_id: str) -> StoredDecision | None:
+        """The logged decision; `UnreadableRecord` if it does not decode."""
+        ...
 
     async def pending_before(self, cutoff: float, limit: int) -> list[str]: ...
+
+    async def set_aside(self, decision_id: str, reason: str) -> None:
+        """Move an unreadable decision out of the log (kept apart, with the reason)."""
+        ...
 
     async def reset_user(self, user_id: str) -> tuple[int, int]:
         """Delete the user's state under every policy and their pending decisions."""
         ...
 
-    async def policy_states(self, policy: str, limit: int) -> list[bytes]: ...
+    async def policy_states(self, policy: str, limit: int) -> list[PolicyState]:
+        """The most recently updated states of a policy; unreadable ones are skipped."""
+        ...
 
     async def policy_totals(self, policy: str) -> PolicyTotals: ...
 
@@ -180,25 +183,29 @@ class Store(StateStore, Protocol):
     async def close(self) -> None: ...
 
 
-class MemoryStateStore:
-    """A StateStore in a dict, for tests and the simulator."""
+class ProfileStore(Protocol):
+    """The ingest's tables: exactly-once event records and the profile and task features
+    they feed. Also the `FeatureStore` and `TaskSource` of Score and Generate."""
 
-    def __init__(self) -> None:
-        self._data: dict[tuple[str, str], StoredState] = {}
-        self._lock = asyncio.Lock()
+    async def ensure_schema(self) -> None: ...
 
-    async def get(self, user_id: str, policy: str) -> StoredState | None:
-        return self._data.get((user_id, policy))
+    async def stored_features(
+        self, user_id: str, now: float, timezone: str = ""
+    ) -> dict[str, StoredValue]: ...
 
-    async def compare_and_set(
-        self, user_id: str, policy: str, revision: int, data: bytes
-    ) -> int | None:
-        async with self._lock:
-            current = self._data.get((user_id, policy))
-            if (current.revision if current else 0) != revision:
-                return None
-            self._data[(user_id, policy)] = StoredState(revision + 1, data)
-            return revision + 1
+    async def open_tasks(self, user_id: str, now: float, limit: int) -> list[TaskView]: ...
 
-    def keys(self) -> list[tuple[str, str]]:
-        return list(self._data)
+    async def applied_among(self, event_ids: Sequence[str]) -> set[str]:
+        """The ids among these whose events are already recorded."""
+        ...
+
+    async def record(self, events: Sequence[Event], now: float) -> list[bool]:
+        """Record each event and its effects in one durable transaction, unless its id is
+        already recorded; per event, True if it took effect now."""
+        ...
+
+    async def prune(self, now: float) -> int: ...
+
+    async def totals(self, user_id: str | None = None) -> dict[str, float]: ...
+
+    async def integration_status(self, user_id: str, provider: str) -> tuple[str, int] | None: ...

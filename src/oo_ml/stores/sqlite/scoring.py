@@ -1,0 +1,366 @@
+"""The scoring tables on a `SqliteDB`: learned state, the decision log, off-policy sums
+and generations. `SqliteStore` implements the domain's `Store` port.
+
+Values are encoded and decoded here with `stores.codec`, on the SQLite threads, so the
+event loop never decodes a blob. A row that does not decode raises `UnreadableRecord`
+(a decision) or is skipped and counted (a state read for the priors).
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from oo_ml.domain.decisions import RewardState
+from oo_ml.domain.ports import (
+    AddOffPolicy,
+    ArmTotals,
+    GenerationRecord,
+    InsertDecision,
+    MarkRewarded,
+    OffPolicyTotals,
+    PolicyTotals,
+    PromptTotals,
+    PutState,
+    ReplaceDecision,
+    StoredDecision,
+    StoredState,
+    Write,
+)
+from oo_ml.domain.state import PolicyState
+from oo_ml.errors import Conflict, UnreadableRecord
+from oo_ml.stores.codec import decode_decision, decode_state, encode_decision, encode_state
+from oo_ml.stores.sqlite.db import SqliteDB
+
+log = logging.getLogger(__name__)
+
+# Each entry migrates user_version i -> i+1. Append only.
+MIGRATIONS: list[str] = [
+    """
+    CREATE TABLE state (
+        user_id TEXT NOT NULL,
+        policy TEXT NOT NULL,
+        revision INTEGER NOT NULL,
+        data BLOB NOT NULL,
+        updated_at REAL NOT NULL,
+        PRIMARY KEY (user_id, policy)
+    ) WITHOUT ROWID;
+    CREATE TABLE decisions (
+        decision_id TEXT PRIMARY KEY,
+        user_id TEXT NOT NULL,
+        policy TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        chosen_arm TEXT NOT NULL,
+        prompt_version TEXT NOT NULL DEFAULT '',
+        reward REAL,
+        rewarded_at REAL,
+        reward_source TEXT NOT NULL DEFAULT '',
+        data BLOB NOT NULL
+    );
+    CREATE INDEX decisions_user ON decisions (user_id, policy);
+    CREATE INDEX decisions_policy ON decisions (policy, chosen_arm);
+    CREATE INDEX decisions_pending ON decisions (created_at) WHERE reward IS NULL;
+    CREATE TABLE off_policy (
+        served TEXT NOT NULL,
+        shadow TEXT NOT NULL,
+        n INTEGER NOT NULL DEFAULT 0,
+        weight_sum REAL NOT NULL DEFAULT 0,
+        weighted_reward_sum REAL NOT NULL DEFAULT 0,
+        dr_sum REAL NOT NULL DEFAULT 0,
+        dr_sq_sum REAL NOT NULL DEFAULT 0,
+        reward_sum REAL NOT NULL DEFAULT 0,
+        PRIMARY KEY (served, shadow)
+    ) WITHOUT ROWID;
+    """,
+    """
+    CREATE TABLE generations (
+        generation_id TEXT PRIMARY KEY,
+        user_id TEXT NOT NULL,
+        prompt_version TEXT NOT NULL,
+        model TEXT NOT NULL,
+        fallback INTEGER NOT NULL,
+        created_at REAL NOT NULL
+    );
+    """,
+    # The prior refresh reads the most recently updated states of a policy.
+    "CREATE INDEX state_policy_updated ON state (policy, updated_at);",
+    # Decisions the sweeper could not read, moved out of the log with the reason.
+    """
+    CREATE TABLE decisions_set_aside (
+        decision_id TEXT PRIMARY KEY,
+        user_id TEXT NOT NULL,
+        policy TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        reason TEXT NOT NULL,
+        set_aside_at REAL NOT NULL,
+        data BLOB NOT NULL
+    );
+    """,
+]
+
+
+def _apply(conn: sqlite3.Connection, w: Write, revisions: dict[tuple[str, str], int]) -> None:
+    match w:
+        case PutState(user_id, policy, revision, state):
+            data = encode_state(state)
+            if revision == 0:
+                cur = conn.execute(
+                    "INSERT OR IGNORE INTO state (user_id, policy, revision, data, updated_at)"
+                    " VALUES (?, ?, 1, ?, ?)",
+                    (user_id, policy, data, time.time()),
+                )
+            else:
+                cur = conn.execute(
+                    "UPDATE state SET revision = revision + 1, data = ?, updated_at = ?"
+                    " WHERE user_id = ? AND policy = ? AND revision = ?",
+                    (data, time.time(), user_id, policy, revision),
+                )
+            if cur.rowcount != 1:
+                raise Conflict(
+                    f"state of {user_id!r} under {policy!r} moved past revision {revision}"
+                )
+            revisions[(user_id, policy)] = revision + 1
+        case InsertDecision(r):
+            conn.execute(
+                "INSERT INTO decisions (decision_id, user_id, policy, created_at, chosen_arm,"
+                " prompt_version, data) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    r.decision_id,
+                    r.user_id,
+                    r.policy,
+                    r.created_at,
+                    r.chosen.arm,
+                    r.chosen.prompt_version,
+                    encode_decision(r),
+                ),
+            )
+        case ReplaceDecision(r):
+            conn.execute(
+                "UPDATE decisions SET data = ? WHERE decision_id = ?",
+                (encode_decision(r), r.decision_id),
+            )
+        case MarkRewarded(decision_id, reward, at, source):
+            cur = conn.execute(
+                "UPDATE decisions SET reward = ?, rewarded_at = ?, reward_source = ?"
+                " WHERE decision_id = ? AND reward IS NULL",
+                (reward, at, source, decision_id),
+            )
+            if cur.rowcount != 1:
+                raise Conflict(f"decision {decision_id!r} is already rewarded or gone")
+        case AddOffPolicy(served, shadow, weight, reward, dr):
+            conn.execute(
+                "INSERT INTO off_policy (served, shadow, n, weight_sum, weighted_reward_sum, dr_sum,"
+                " dr_sq_sum, reward_sum) VALUES (?, ?, 1, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (served, shadow) DO UPDATE SET n = n + 1,"
+                " weight_sum = weight_sum + excluded.weight_sum,"
+                " weighted_reward_sum = weighted_reward_sum + excluded.weighted_reward_sum,"
+                " dr_sum = dr_sum + excluded.dr_sum, dr_sq_sum = dr_sq_sum + excluded.dr_sq_sum,"
+                " reward_sum = reward_sum + excluded.reward_sum",
+                (served, shadow, weight, weight * reward, dr, dr * dr, reward),
+            )
+
+
+class SqliteStore:
+    """The engine's `Store` on a `SqliteDB`."""
+
+    def __init__(self, db: SqliteDB) -> None:
+        self.db = db
+        self.unreadable_states = 0
+        """States skipped by `policy_states` because they do not decode."""
+
+    @classmethod
+    def open(cls, path: Path | str) -> SqliteStore:
+        return cls(SqliteDB(path, MIGRATIONS))
+
+    async def get(self, user_id: str, policy: str) -> StoredState | None:
+        def q(conn: sqlite3.Connection) -> StoredState | None:
+            row = conn.execute(
+                "SELECT revision, data FROM state WHERE user_id = ? AND policy = ?",
+                (user_id, policy),
+            ).fetchone()
+            return StoredState(row[0], decode_state(row[1])) if row else None
+
+        return await self.db.read(q)
+
+    async def compare_and_set(
+        self, user_id: str, policy: str, revision: int, state: PolicyState
+    ) -> int | None:
+        try:
+            revs = await self.commit([PutState(user_id, policy, revision, state)])
+        except Conflict:
+            return None
+        return revs[(user_id, policy)]
+
+    async def commit(self, writes: Sequence[Write]) -> dict[tuple[str, str], int]:
+        def tx(conn: sqlite3.Connection) -> dict[tuple[str, str], int]:
+            revisions: dict[tuple[str, str], int] = {}
+            for w in writes:
+                _apply(conn, w, revisions)
+            return revisions
+
+        return await self.db.run(tx)
+
+    async def get_decision(self, decision_id: str) -> StoredDecision | None:
+        def q(conn: sqlite3.Connection) -> StoredDecision | None:
+            row = conn.execute(
+                "SELECT data, reward, rewarded_at, reward_source FROM decisions WHERE decision_id = ?",
+                (decision_id,),
+            ).fetchone()
+            if row is None:
+                return None
+            return StoredDecision(decode_decision(row[0]), RewardState(row[1], row[2], row[3]))
+
+        return await self.db.read(q)
+
+    async def pending_before(self, cutoff: float, limit: int) -> list[str]:
+        def q(conn: sqlite3.Connection) -> list[str]:
+            rows = conn.execute(
+                "SELECT decision_id FROM decisions WHERE reward IS NULL AND created_at < ?"
+                " ORDER BY created_at LIMIT ?",
+                (cutoff, limit),
+            ).fetchall()
+            return [r[0] for r in rows]
+
+        return await self.db.read(q)
+
+    async def reset_user(self, user_id: str) -> tuple[int, int]:
+        def tx(conn: sqlite3.Connection) -> tuple[int, int]:
+            states = conn.execute("DELETE FROM state WHERE user_id = ?", (user_id,)).rowcount
+            pending = conn.execute(
+                "DELETE FROM decisions WHERE user_id = ? AND reward IS NULL", (user_id,)
+            ).rowcount
+            return states, pending
+
+        return await self.db.run(tx)
+
+    async def policy_states(self, policy: str, limit: int) -> list[PolicyState]:
+        def q(conn: sqlite3.Connection) -> list[PolicyState]:
+            rows = conn.execute(
+                "SELECT user_id, data FROM state WHERE policy = ? ORDER BY updated_at DESC LIMIT ?",
+                (policy, limit),
+            ).fetchall()
+            states = []
+            for user_id, data in rows:
+                try:
+                    states.append(decode_state(data))
+                except UnreadableRecord as e:
+                    # One unreadable model must not deny every new user the prior.
+                    self.unreadable_states += 1
+                    log.warning("state of %r under %r skipped: %s", user_id, policy, e)
+            return states
+
+        return await self.db.read(q)
+
+    async def set_aside(self, decision_id: str, reason: str) -> None:
+        def tx(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT OR REPLACE INTO decisions_set_aside (decision_id, user_id, policy,"
+                " created_at, reason, set_aside_at, data) SELECT decision_id, user_id, policy,"
+                " created_at, ?, ?, data FROM decisions WHERE decision_id = ?",
+                (reason[:500], time.time(), decision_id),
+            )
+            conn.execute("DELETE FROM decisions WHERE decision_id = ?", (decision_id,))
+
+        await self.db.run(tx)
+
+    async def policy_totals(self, policy: str) -> PolicyTotals:
+        def q(conn: sqlite3.Connection) -> PolicyTotals:
+            arms = [
+                ArmTotals(r[0], r[1], r[2], r[3] or 0.0)
+                for r in conn.execute(
+                    "SELECT chosen_arm, count(*), count(reward), total(reward) FROM decisions"
+                    " WHERE policy = ? GROUP BY chosen_arm ORDER BY chosen_arm",
+                    (policy,),
+                )
+            ]
+            users, pending = conn.execute(
+                "SELECT count(DISTINCT user_id), count(*) - count(reward) FROM decisions WHERE policy = ?",
+                (policy,),
+            ).fetchone()
+            return PolicyTotals(arms=arms, users=users or 0, pending=pending or 0)
+
+        return await self.db.read(q)
+
+    async def prompt_totals(self, policy: str, user_id: str | None) -> list[PromptTotals]:
+        def q(conn: sqlite3.Connection) -> list[PromptTotals]:
+            sql = (
+                "SELECT prompt_version, count(*), count(reward), total(reward) FROM decisions"
+                " WHERE policy = ? AND prompt_version != ''"
+            )
+            args: tuple[str, ...] = (policy,)
+            if user_id is not None:
+                sql += " AND user_id = ?"
+                args = (policy, user_id)
+            sql += " GROUP BY prompt_version ORDER BY prompt_version"
+            return [PromptTotals(r[0], r[1], r[2], r[3]) for r in conn.execute(sql, args)]
+
+        return await self.db.read(q)
+
+    async def off_policy_totals(self, served: str) -> list[OffPolicyTotals]:
+        def q(conn: sqlite3.Connection) -> list[OffPolicyTotals]:
+            return [
+                OffPolicyTotals(*r)
+                for r in conn.execute(
+                    "SELECT shadow, n, weight_sum, weighted_reward_sum, dr_sum, dr_sq_sum, reward_sum"
+                    " FROM off_policy WHERE served = ? ORDER BY shadow",
+                    (served,),
+                )
+            ]
+
+        return await self.db.read(q)
+
+    async def pending_count(self, user_id: str, policy: str) -> int:
+        def q(conn: sqlite3.Connection) -> int:
+            row = conn.execute(
+                "SELECT count(*) FROM decisions WHERE user_id = ? AND policy = ? AND reward IS NULL",
+                (user_id, policy),
+            ).fetchone()
+            return int(row[0])
+
+        return await self.db.read(q)
+
+    async def prune_decisions(self, rewarded_before: float) -> int:
+        def tx(conn: sqlite3.Connection) -> int:
+            n = conn.execute(
+                "DELETE FROM decisions WHERE reward IS NOT NULL AND rewarded_at < ?",
+                (rewarded_before,),
+            ).rowcount
+            conn.execute("DELETE FROM generations WHERE created_at < ?", (rewarded_before,))
+            return n
+
+        return await self.db.run(tx)
+
+    async def record_generation(self, g: GenerationRecord) -> None:
+        def tx(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT OR IGNORE INTO generations (generation_id, user_id, prompt_version, model,"
+                " fallback, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    g.generation_id,
+                    g.user_id,
+                    g.prompt_version,
+                    g.model,
+                    int(g.fallback),
+                    g.created_at,
+                ),
+            )
+
+        await self.db.run(tx)
+
+    async def generations(self, ids: Sequence[str]) -> dict[str, GenerationRecord]:
+        def q(conn: sqlite3.Connection) -> dict[str, GenerationRecord]:
+            marks = ",".join("?" * len(ids))
+            rows = conn.execute(
+                "SELECT generation_id, user_id, prompt_version, model, fallback, created_at"
+                f" FROM generations WHERE generation_id IN ({marks})",
+                tuple(ids),
+            )
+            return {r[0]: GenerationRecord(r[0], r[1], r[2], r[3], bool(r[4]), r[5]) for r in rows}
+
+        return await self.db.read(q) if ids else {}
+
+    async def close(self) -> None:
+        await self.db.close()
