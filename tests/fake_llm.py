@@ -36,6 +36,9 @@ class FakeLLM:
         self.requests: list[dict[str, Any]] = []
         self.in_flight = 0
         self.max_in_flight = 0
+        # Set to an Event to hold every answer until it is set (or the server closes).
+        self.hold: asyncio.Event | None = None
+        self.answered = 0  # responses sent, in full or as a stream's end
         self._closing = asyncio.Event()
         self._runner: web.AppRunner | None = None
         self.port = 0
@@ -74,6 +77,8 @@ class FakeLLM:
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
             await self._sleep(self.delay_s)
+            if self.hold is not None:
+                await _first_of(self.hold.wait(), self._closing.wait())
             failing = self.status != 200 and (
                 self.fail_times is None or len(self.requests) <= self.fail_times
             )
@@ -84,6 +89,7 @@ class FakeLLM:
                 )
             if body.get("stream"):
                 return await self._stream(request, body)
+            self.answered += 1
             return web.json_response(self._completion(body))
         finally:
             self.in_flight -= 1
@@ -128,6 +134,7 @@ class FakeLLM:
             await self._sleep(self.chunk_delay_s)
             await resp.write(self._chunk(body, {"content": piece}, None))
         await resp.write(self._chunk(body, {}, "stop"))
+        self.answered += 1
         if (body.get("stream_options") or {}).get("include_usage"):
             usage_chunk = {
                 "id": "chatcmpl-fake",
@@ -141,3 +148,13 @@ class FakeLLM:
         await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()
         return resp
+
+
+async def _first_of(*waits: Any) -> None:
+    """Until the first of the awaitables is done; the others are cancelled."""
+    tasks = [asyncio.ensure_future(w) for w in waits]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in tasks:
+            t.cancel()

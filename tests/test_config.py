@@ -49,7 +49,7 @@ def test_defaults_env_and_flags() -> None:
         ({"OO_REWARD_WINDOW_S": "nan"}, "OO_REWARD_WINDOW_S"),
         ({"OO_DEFAULT_REWARD": "2"}, "OO_DEFAULT_REWARD"),
         ({"OO_SNOOZED_REWARD": "nan"}, "OO_SNOOZED_REWARD"),
-        ({"OO_MAX_ARMS": "10"}, "OO_MAX_ARMS"),
+        ({"OO_MAX_ARMS": "10", "OO_MAX_CANDIDATES": "20"}, "OO_MAX_ARMS"),
     ],
 )
 def test_bad_settings_are_refused_with_their_name(env: dict[str, str], message: str) -> None:

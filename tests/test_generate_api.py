@@ -3,6 +3,7 @@ OpenAI-compatible server on 127.0.0.1, and rewards bucketed per prompt version i
 
 from __future__ import annotations
 
+import asyncio
 import math
 from collections.abc import AsyncIterator
 
@@ -13,7 +14,7 @@ from oo.scoring.v1 import scoring_pb2 as pb
 from oo_ml.generate.gateway import load_litellm
 from tests.conftest import Running, ServerFactory
 from tests.fake_llm import FakeLLM
-from tests.helpers import field_violations
+from tests.helpers import assert_eventually, field_violations
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:Item 'summary' on TypedDict class 'ChatCompletionReasoningItem':UserWarning"
@@ -142,3 +143,27 @@ async def test_rewards_are_reported_per_prompt_version(
         assert math.isclose(b.mean_reward, reward) and math.isclose(b.reward_sum, 2 * reward)
     per_user = await srv.stub.Stats(pb.StatsRequest(user_id="u0"))
     assert {p.prompt_version for p in per_user.prompt_versions} == {"v1", "v2", "fallback"}
+
+
+async def test_a_call_the_client_cancels_is_counted_as_cancelled(
+    server_factory: ServerFactory, fake: FakeLLM
+) -> None:
+    srv = await llm_server(server_factory, fake, OO_LLM_TIMEOUT_S="30")
+    fake.hold = asyncio.Event()  # the model does not answer until released
+    call = srv.stub.Generate(pb.GenerateRequest(user_id="ann"))
+
+    async def asked() -> None:
+        assert len(fake.requests) == 1
+
+    await assert_eventually(asked, 10)
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    labels = (("method", "Generate"), ("code", "CANCELLED"))
+
+    async def counted() -> None:
+        assert srv.app.metrics.value("oo_rpc_total", labels) == 1
+
+    await assert_eventually(counted, 5)
+    assert srv.app.metrics.value("oo_rpc_total", (("method", "Generate"), ("code", "OK"))) == 0
+    fake.hold.set()

@@ -50,6 +50,8 @@ class Serve:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+        assert self.proc.stdout is not None
+        self.proc.stdout.close()
         self.log.close()
 
 

@@ -16,8 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from oo_ml.schema.contracts import MAX_CANDIDATES
-
 T = TypeVar("T")
 
 
@@ -121,8 +119,10 @@ class ScoringConfig:
         "OO_DECISION_RETENTION_S",
         "How long rewarded decisions stay in the log (aggregate and prompt-version Stats cover this span).",
     )
-    max_candidates: int = setting(
-        MAX_CANDIDATES, "OO_MAX_CANDIDATES", "Most candidates one Score may carry (proto default)."
+    max_candidates: int | None = setting(
+        None,
+        "OO_MAX_CANDIDATES",
+        "Most candidates one Score may carry; unset: the max_items declared in scoring.proto.",
     )
     reward_window_s: float = setting(
         86400.0, "OO_REWARD_WINDOW_S", "How long after a decision a Reward is accepted."
@@ -223,9 +223,9 @@ class Config:
         ):
             if not (math.isfinite(value) and value >= 0):
                 problems.append(f"{name} must be a finite number >= 0 (got {value})")
-        if s.max_candidates < 1:
+        if s.max_candidates is not None and s.max_candidates < 1:
             problems.append("OO_MAX_CANDIDATES must be >= 1")
-        if s.max_arms < s.max_candidates:
+        if s.max_arms < (s.max_candidates or 1):
             problems.append("OO_MAX_ARMS must be at least OO_MAX_CANDIDATES")
         if s.default_reward is not None and not reward_ok(s.default_reward):
             problems.append("OO_DEFAULT_REWARD must be in [-1, 1] or 'off'")

@@ -38,7 +38,7 @@ from oo_ml.edge.service import ScoringService
 from oo_ml.generate.generator import Generator
 from oo_ml.generate.prompts import check_config
 from oo_ml.ingest.runner import Ingest
-from oo_ml.schema.contracts import ALL_FEATURES
+from oo_ml.schema.contracts import ALL_FEATURES, MAX_CANDIDATES
 from oo_ml.stores.sqlite.profiles import SqliteProfileStore
 from oo_ml.stores.sqlite.scoring import SqliteStore
 
@@ -68,6 +68,12 @@ class App:
 
     async def start(self) -> int:
         cfg = self.config
+        max_candidates = cfg.scoring.max_candidates or MAX_CANDIDATES
+        if cfg.scoring.max_arms < max_candidates:
+            raise ValueError(
+                f"OO_MAX_ARMS ({cfg.scoring.max_arms}) must be at least the candidate limit"
+                f" ({max_candidates}, OO_MAX_CANDIDATES or scoring.proto's max_items)"
+            )
         cfg.server.data_dir.mkdir(parents=True, exist_ok=True)
         self.store = store = SqliteStore.open(cfg.server.data_dir / DB_FILE)
         features: FeatureStore = NoStoredFeatures()
@@ -99,7 +105,7 @@ class App:
             ScoringService(
                 engine,
                 generator,
-                cfg.scoring.max_candidates,
+                max_candidates,
                 ingest_stats=ingest.stats if ingest is not None else dict,
             ),
             server,

@@ -1,14 +1,22 @@
-"""The one place where errors become gRPC statuses, plus auth and deadlines.
+"""The one place where errors become gRPC statuses, plus auth, deadlines and metrics.
 
-`EdgeInterceptor` wraps every ScoringService handler:
-- auth: when a token is configured, `authorization: Bearer <token>` is required
-  (UNAUTHENTICATED otherwise); admin RPCs (Reset) need the admin token (PERMISSION_DENIED
-  for a valid non-admin token). Health stays open so probes need no secret.
+`EdgeInterceptor` wraps every ScoringService handler, once per method (the wrapped handler
+is built at the method's first call and reused), so a call pays for no handler building:
+- auth before parsing: the wrapped handler receives the raw request bytes, and when a
+  token is configured, `authorization: Bearer <token>` (scheme case-insensitive, RFC 7235)
+  is checked before the body is decoded: an unauthenticated caller cannot make the server
+  parse anything (UNAUTHENTICATED). Admin RPCs (Reset) need the admin token
+  (PERMISSION_DENIED for a valid non-admin token). Health stays open so probes need no
+  secret.
+- decoding: a body that does not decode is INVALID_ARGUMENT naming the message type, never
+  an internal class name.
 - deadlines: a call whose deadline has passed is not started, and a handler still running
   at its deadline is cancelled (DEADLINE_EXCEEDED) rather than working for nobody.
-- errors: each `OoError` maps to its status; INVALID_ARGUMENT carries a
-  `google.rpc.BadRequest` with one field violation per bad field. Anything else is
-  INTERNAL with a generic message, and logged with its traceback.
+- errors: each `OoError` maps to its status through `STATUS_OF`, keyed by class (the
+  nearest listed ancestor wins); INVALID_ARGUMENT carries a `google.rpc.BadRequest` with one
+  field violation per bad field. Anything else is INTERNAL with a generic message, and
+  logged with its traceback.
+- metrics: every call is counted by method and final status, CANCELLED included.
 """
 
 from __future__ import annotations
@@ -22,10 +30,13 @@ from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
 import grpc
+from google.protobuf.message import DecodeError
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
 from oo_ml.app.metrics import Metrics
 from oo_ml.errors import (
+    BadEvent,
+    Conflict,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
@@ -33,6 +44,7 @@ from oo_ml.errors import (
     PermissionDenied,
     Unauthenticated,
     Unavailable,
+    UnreadableRecord,
 )
 
 log = logging.getLogger(__name__)
@@ -40,19 +52,37 @@ log = logging.getLogger(__name__)
 SERVICE = "oo.scoring.v1.ScoringService"
 ADMIN_METHODS = frozenset({f"/{SERVICE}/Reset"})
 
-_CODES: list[tuple[type[OoError], grpc.StatusCode]] = [
-    (InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
-    (NotFound, grpc.StatusCode.NOT_FOUND),
-    (FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
-    (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
-    (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
-    (Unavailable, grpc.StatusCode.UNAVAILABLE),
-]
+Code = grpc.StatusCode
+
+# The status of each error class; an error takes the entry of its nearest listed ancestor.
+STATUS_OF: dict[type[OoError], grpc.StatusCode] = {
+    OoError: Code.INTERNAL,
+    InvalidArgument: Code.INVALID_ARGUMENT,
+    BadEvent: Code.INVALID_ARGUMENT,
+    NotFound: Code.NOT_FOUND,
+    FailedPrecondition: Code.FAILED_PRECONDITION,
+    Unauthenticated: Code.UNAUTHENTICATED,
+    PermissionDenied: Code.PERMISSION_DENIED,
+    Unavailable: Code.UNAVAILABLE,
+    Conflict: Code.ABORTED,
+    UnreadableRecord: Code.DATA_LOSS,
+}
+
+
+_RESOLVED: dict[type[OoError], grpc.StatusCode] = {}
+
+
+def code_of(kind: type[OoError]) -> grpc.StatusCode:
+    """The status of an error class: the table entry of its nearest ancestor (memoised)."""
+    code = _RESOLVED.get(kind)
+    if code is None:
+        code = _RESOLVED[kind] = next(STATUS_OF[c] for c in kind.__mro__ if c in STATUS_OF)
+    return code
 
 
 def status_of(err: OoError) -> tuple[grpc.StatusCode, str, tuple[tuple[str, bytes], ...]]:
     """The status code, message and trailing metadata (rich details) for an error."""
-    code = next((c for t, c in _CODES if isinstance(err, t)), grpc.StatusCode.INTERNAL)
+    code = code_of(type(err))
     message = str(err)
     if not isinstance(err, InvalidArgument) or not err.violations:
         return code, message, ()
@@ -71,14 +101,17 @@ if TYPE_CHECKING:
     Context = grpc.aio.ServicerContext[Any, Any]
     Handler = grpc.RpcMethodHandler[Any, Any]
 
+_BEARER = "bearer "
+
 
 class EdgeInterceptor(grpc.aio.ServerInterceptor):
     def __init__(
         self, token: str | None, admin_token: str | None, metrics: Metrics | None = None
     ) -> None:
-        self.token = token
-        self.admin_token = admin_token
+        self.token = token.encode() if token is not None else None
+        self.admin_token = admin_token.encode() if admin_token is not None else None
         self.metrics = metrics or Metrics()
+        self._wrapped: dict[str, Handler | None] = {}
 
     def _count(self, method: str, code: str, started: float) -> None:
         labels = (("method", method.rsplit("/", 1)[-1]), ("code", code))
@@ -90,19 +123,19 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
             time.perf_counter() - started,
         )
 
-    def _authorize(self, method: str, metadata: tuple[tuple[str, str | bytes], ...]) -> None:
+    def _authorize(self, method: str, context: Context) -> None:
         if self.token is None and self.admin_token is None:
             return
-        header = next((v for k, v in metadata if k == "authorization"), None)
+        header = next(
+            (v for k, v in context.invocation_metadata() or () if k == "authorization"), None
+        )
         if isinstance(header, bytes):
             header = header.decode("latin-1")
-        if not header or not header.startswith("Bearer "):
+        if not header or header[: len(_BEARER)].lower() != _BEARER:
             raise Unauthenticated("missing bearer token (authorization: Bearer <token>)")
-        given = header[len("Bearer ") :].encode()
-        is_admin = self.admin_token is not None and hmac.compare_digest(
-            given, self.admin_token.encode()
-        )
-        is_user = self.token is not None and hmac.compare_digest(given, self.token.encode())
+        given = header[len(_BEARER) :].strip().encode("latin-1", "replace")
+        is_admin = self.admin_token is not None and hmac.compare_digest(given, self.admin_token)
+        is_user = self.token is not None and hmac.compare_digest(given, self.token)
         if method in ADMIN_METHODS:
             if is_admin:
                 return
@@ -133,62 +166,62 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
         details: grpc.HandlerCallDetails,
     ) -> Handler | None:
-        handler = await continuation(details)
         method: str = details.method
+        if method in self._wrapped:
+            return self._wrapped[method]
+        handler = await continuation(details)
         if handler is None or not method.startswith(f"/{SERVICE}/"):
-            return handler
-        metadata = tuple(details.invocation_metadata or ())
+            return handler  # health, reflection, unknown methods: as they are
+        wrapped = self._wrap(method, handler)
+        self._wrapped[method] = wrapped
+        return wrapped
 
+    def _wrap(self, method: str, handler: Handler) -> Handler:
+        """The handler with auth before decoding, deadline, metrics and error mapping."""
+        decode = _decoder(handler.request_deserializer)
         if handler.unary_unary is not None:
             # The grpc stubs type handlers as sync; under grpc.aio they are coroutines.
             inner: Any = handler.unary_unary
 
-            async def unary(request: Any, context: Context) -> Any:
-                async with self._guard(method, metadata, context, cancel_at_deadline=True):
-                    return await inner(request, context)
+            async def unary(raw: bytes, context: Context) -> Any:
+                async with self._guard(method, context, cancel_at_deadline=True):
+                    return await inner(decode(raw), context)
 
             return grpc.unary_unary_rpc_method_handler(
-                unary,
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
+                unary, request_deserializer=None, response_serializer=handler.response_serializer
             )
-
         if handler.unary_stream is not None:
             inner_stream: Any = handler.unary_stream
 
-            async def stream(request: Any, context: Context) -> AsyncIterator[Any]:
+            async def stream(raw: bytes, context: Context) -> AsyncIterator[Any]:
                 # No timeout around a stream: it would span the yields, and a cancel landing
                 # in grpc's write reads as CANCELLED. grpc.aio ends a stream at its deadline.
-                async with self._guard(method, metadata, context, cancel_at_deadline=False):
-                    async for item in inner_stream(request, context):
+                async with self._guard(method, context, cancel_at_deadline=False):
+                    async for item in inner_stream(decode(raw), context):
                         yield item
 
             return grpc.unary_stream_rpc_method_handler(
-                stream,
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
+                stream, request_deserializer=None, response_serializer=handler.response_serializer
             )
         return handler
 
     @asynccontextmanager
     async def _guard(
-        self,
-        method: str,
-        metadata: tuple[tuple[str, str | bytes], ...],
-        context: Context,
-        *,
-        cancel_at_deadline: bool,
+        self, method: str, context: Context, *, cancel_at_deadline: bool
     ) -> AsyncIterator[None]:
         """Auth, deadline, metrics and error mapping around one call."""
         started, code = time.perf_counter(), "OK"
         try:
-            self._authorize(method, metadata)
+            self._authorize(method, context)
             budget = self._budget(context)
-            if cancel_at_deadline:
+            if cancel_at_deadline and budget is not None:
                 async with asyncio.timeout(budget):
                     yield
             else:
                 yield
+        except asyncio.CancelledError:
+            code = "CANCELLED"  # the client went away (or the server is stopping)
+            raise
         except Exception as e:
             code = _code_name(e)
             if _is_abort(e):
@@ -198,9 +231,27 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
             self._count(method, code, started)
 
 
+def _decoder(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any]:
+    """bytes -> request message; a body that does not decode is INVALID_ARGUMENT."""
+    if deserialize is None:
+        return lambda raw: raw
+    # The generated handler's deserializer is the message class's FromString.
+    message = getattr(getattr(deserialize, "__self__", None), "DESCRIPTOR", None)
+    name = message.full_name if message is not None else "request message"
+
+    def decode(raw: bytes) -> Any:
+        try:
+            return deserialize(raw)
+        except (DecodeError, RuntimeError, ValueError) as e:
+            # upb raises DecodeError; some malformed inputs surface as RuntimeError.
+            raise InvalidArgument(f"the request body is not a valid {name}: {e}") from None
+
+    return decode
+
+
 def _code_name(e: BaseException) -> str:
     if isinstance(e, OoError):
-        return status_of(e)[0].name
+        return code_of(type(e)).name
     if isinstance(e, TimeoutError):
         return "DEADLINE_EXCEEDED"
     return "UNKNOWN" if _is_abort(e) else "INTERNAL"

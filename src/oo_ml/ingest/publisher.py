@@ -83,6 +83,7 @@ class ServePublisher:
         self.counters = counters
         self.ack_timeout_s = ack_timeout_s
         self._queue: asyncio.Queue[DecisionRecord] = asyncio.Queue(maxsize=max_queue)
+        self._in_hand = 0
 
     def decision_made(self, record: DecisionRecord) -> None:
         try:
@@ -92,7 +93,8 @@ class ServePublisher:
 
     @property
     def queued(self) -> int:
-        return self._queue.qsize()
+        """Serve signals not published yet: queued, or in the batch in hand."""
+        return self._queue.qsize() + self._in_hand
 
     async def run(
         self,
@@ -109,14 +111,17 @@ class ServePublisher:
             batch = [record]
             while len(batch) < _BATCH and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
+            self._in_hand = len(batch)
             # Wait for the connection instead of failing fast: the queue is the buffer, and
             # what overflows it is counted as dropped.
             if not connected.is_set():
                 await _first(connected.wait(), stop.wait())
                 if not connected.is_set():  # stopping while NATS is away
                     self.counters.publish_dropped += len(batch)
+                    self._in_hand = 0
                     break
             await self._publish(js, batch)
+            self._in_hand = 0
         loop = asyncio.get_running_loop()
         deadline = loop.time() + drain_s
         while not self._queue.empty() and connected.is_set() and loop.time() < deadline:

@@ -62,13 +62,17 @@ class ScoringEngine:
         store: Store,
         features: FeatureStore,
         contracts: Contracts,
+        *,
         clock: Callable[[], float] = time.time,
+        decision_ids: Callable[[], str] = lambda: uuid.uuid4().hex,
     ) -> None:
         self.config = config
         self.store = store
         self.features = features
         self.contracts = contracts
         self.clock = clock
+        # Random ids in service; a seeded sequence replays a whole run (tests, simulation).
+        self.decision_ids = decision_ids
         self.policies: dict[str, Policy] = build_policies(config)
         for name in (config.default_policy, *config.shadow_policies):
             self.policy(name)  # fail at start-up, not at the first request
@@ -117,7 +121,7 @@ class ScoringEngine:
         x = FEATURE_VERSIONS[policy.feature_version].vectorise(assembled)
         candidates = await self._attributed(cmd.candidates)
         arms = [c.arm for c in candidates]
-        decision_id = uuid.uuid4().hex
+        decision_id = self.decision_ids()
         async with self.locks.hold(cmd.user_id):
             for _ in range(_CAS_ATTEMPTS):
                 revision, state = await self.models.load(cmd.user_id, policy)
