@@ -314,7 +314,9 @@ async def test_shadow_policies_learn_and_get_off_policy_estimates(
         chosen_arm = next(c.arm for c in resp.ranking if c.tip_id == resp.chosen_tip_id)
         reward = 1.0 if chosen_arm == ARMS[(i % 24) // 6] else 0.0
         await srv.stub.Reward(pb.RewardRequest(decision_id=resp.decision_id, reward=reward))
-    stats = await srv.stub.Stats(pb.StatsRequest(user_id="u1"))
+    per_user = await srv.stub.Stats(pb.StatsRequest(user_id="u1"))
+    assert not per_user.shadows and per_user.users == 0  # server-wide: the policy's answer
+    stats = await srv.stub.Stats(pb.StatsRequest())
     shadows = {s.policy: s for s in stats.shadows}
     assert set(shadows) == {"egreedy-v2", "linucb"}
     for s in shadows.values():

@@ -171,7 +171,8 @@ class ScoringService(scoring_pb2_grpc.ScoringServiceServicer):
     ) -> scoring_pb2.StatsResponse:
         validate(request)
         response = stats_response(await self.engine.stats(request.user_id, request.policy))
-        response.ingest.update(self.ingest_stats())
+        if not request.user_id:  # server-wide counters belong to the server-level answer
+            response.ingest.update(self.ingest_stats())
         return response
 
     async def Reset(

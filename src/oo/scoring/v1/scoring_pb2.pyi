@@ -369,7 +369,9 @@ class StatsRequest(_message.Message):
     USER_ID_FIELD_NUMBER: _builtins.int
     POLICY_FIELD_NUMBER: _builtins.int
     user_id: _builtins.str
-    """Empty: aggregate counts over every user of the policy."""
+    """A user's own figures; empty: the policy-level answer, over every user, with the
+    server-wide fields (users, shadows, ingest).
+    """
     policy: _builtins.str
     def __init__(
         self,
@@ -403,7 +405,9 @@ class ArmStats(_message.Message):
     reward_sum: _builtins.float
     mean_reward: _builtins.float
     estimate: _builtins.float
-    """The model's expected reward for the arm in the user's current context."""
+    """Per user: the user's model's expected reward for the arm in the user's current
+    context. Policy level: the population prior's, in the default context.
+    """
     def __init__(
         self,
         *,
@@ -501,6 +505,11 @@ Global___ShadowStats: _TypeAlias = ShadowStats  # noqa: Y015
 
 @_typing.final
 class StatsResponse(_message.Message):
+    """Each field says whose figures it carries: "both" fields are the user's own in a
+    per-user answer (user_id set) and the policy's total in a policy-level answer;
+    "policy level" fields are server-wide and stay empty in a per-user answer.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     @_typing.final
@@ -538,30 +547,40 @@ class StatsResponse(_message.Message):
     PENDING_FIELD_NUMBER: _builtins.int
     INGEST_FIELD_NUMBER: _builtins.int
     user_id: _builtins.str
+    """Both: the user asked about, or empty for the policy level."""
     policy: _builtins.str
     feature_version: _builtins.str
     decisions: _builtins.int
+    """Both: decisions logged (the user's, or every user's)."""
     rewarded: _builtins.int
     reward_sum: _builtins.float
     mean_reward: _builtins.float
     users: _builtins.int
-    """Users with state under the policy (aggregate requests)."""
+    """Policy level: users with decisions under the policy."""
     pending: _builtins.int
-    """Decisions still waiting for a reward."""
+    """Both: decisions still waiting for a reward."""
     @_builtins.property
-    def arms(self) -> _containers.RepeatedCompositeFieldContainer[Global___ArmStats]: ...
+    def arms(self) -> _containers.RepeatedCompositeFieldContainer[Global___ArmStats]:
+        """Both: per arm."""
+
     @_builtins.property
-    def prompt_versions(self) -> _containers.RepeatedCompositeFieldContainer[Global___PromptVersionStats]: ...
+    def prompt_versions(self) -> _containers.RepeatedCompositeFieldContainer[Global___PromptVersionStats]:
+        """Both: rewards by prompt version."""
+
     @_builtins.property
-    def shadows(self) -> _containers.RepeatedCompositeFieldContainer[Global___ShadowStats]: ...
+    def shadows(self) -> _containers.RepeatedCompositeFieldContainer[Global___ShadowStats]:
+        """Policy level: shadow policies' off-policy estimates on this policy's traffic."""
+
     @_builtins.property
     def features(self) -> _containers.RepeatedCompositeFieldContainer[Global___FeatureValue]:
-        """The user's current profile and context values and their origins."""
+        """Both: the user's current profile and context values and their origins (defaults
+        and fallbacks at the policy level).
+        """
 
     @_builtins.property
     def ingest(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
-        """Process-wide ingest counters (applied, duplicates, dead_lettered, ...); empty when
-        ingest is off.
+        """Policy level: process-wide ingest counters (applied, duplicates, dead_lettered, ...);
+        empty when ingest is off.
         """
 
     def __init__(

@@ -36,8 +36,9 @@ class Reports:
         stored = await self.features.stored_features(user_id, now) if user_id else {}
         assembled = assemble(self.contracts, Inputs({}), stored, now)
         x = fv.vectorise(assembled)
-        shadows = [shadow_report(t) for t in await self.store.off_policy_totals(policy.name)]
         if user_id:
+            # A user's figures only: server-wide ones (users, shadows, ingest) are the
+            # policy-level answer's.
             _, state = await self.models.load(user_id, policy)
             arms = [
                 ArmReport(a, m.pulls, m.rewarded, m.reward_sum, float(m.theta @ fit(x, state.dim)))
@@ -50,11 +51,12 @@ class Reports:
                 decisions=state.decisions,
                 arms=arms,
                 prompts=_prompts(await self.store.prompt_totals(policy.name, user_id)),
-                shadows=shadows,
+                shadows=[],
                 features=assembled,
-                users=1 if state.decisions else 0,
+                users=0,
                 pending=await self.store.pending_count(user_id, policy.name),
             )
+        shadows = [shadow_report(t) for t in await self.store.off_policy_totals(policy.name)]
         totals = await self.store.policy_totals(policy.name)
         prior = self.models.priors.get(policy.name)
         arms = [
