@@ -3,9 +3,10 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-HOST ?= 127.0.0.1
-PORT ?= 50051
-DATA_DIR ?= .data
+# The OO_* variables work here too, as they do for `oo-ml serve`.
+HOST ?= $(or $(OO_HOST),127.0.0.1)
+PORT ?= $(or $(OO_PORT),50051)
+DATA_DIR ?= $(or $(OO_DATA_DIR),.data)
 
 .PHONY: install proto lint typecheck breaking test bench run check clean image
 

@@ -382,3 +382,34 @@ async def test_calls_cut_by_their_deadline_leave_the_server_healthy(server: Runn
             pb.RewardRequest(decision_id=resp.decision_id, reward=1), timeout=10
         )
     ).applied
+
+
+async def test_an_admin_token_alone_guards_reset_only(server_factory: ServerFactory) -> None:
+    srv = await server_factory({"OO_ADMIN_TOKEN": "root"})
+    # Score, Reward, Stats stay open: OO_AUTH_TOKEN is not set.
+    decision = await srv.stub.Score(score_request())
+    await srv.stub.Reward(pb.RewardRequest(decision_id=decision.decision_id, reward=1))
+    assert (await srv.stub.Stats(pb.StatsRequest(user_id="u1"))).rewarded == 1
+    for md in ((), (("authorization", "Bearer wrong"),)):
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await srv.stub.Reset(pb.ResetRequest(user_id="u1"), metadata=md)
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    # The scheme is case-insensitive (RFC 7235).
+    reset = await srv.stub.Reset(
+        pb.ResetRequest(user_id="u1"), metadata=(("authorization", "bearer root"),)
+    )
+    assert reset.states_cleared == 1
+
+
+async def test_reflection_serves_the_error_detail_types(server: Running) -> None:
+    # grpcurl resolves google.rpc.BadRequest through reflection to print field violations.
+    from google.protobuf import descriptor_pb2
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    stub = reflection_pb2_grpc.ServerReflectionStub(server.channel)
+    ask = reflection_pb2.ServerReflectionRequest(file_containing_symbol="google.rpc.BadRequest")
+    async for answer in stub.ServerReflectionInfo(iter([ask])):
+        protos = answer.file_descriptor_response.file_descriptor_proto
+        names = {descriptor_pb2.FileDescriptorProto.FromString(p).name for p in protos}
+        assert "google/rpc/error_details.proto" in names
+        break

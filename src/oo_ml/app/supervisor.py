@@ -25,6 +25,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import grpc
+from google.rpc import error_details_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -45,6 +46,9 @@ from oo_ml.stores.sqlite.scoring import SqliteStore
 log = logging.getLogger(__name__)
 
 DB_FILE = "oo-ml.db"
+# Reflection answers from the default descriptor pool: importing the error detail types
+# puts them there, so grpcurl can resolve google.rpc.BadRequest and print its violations.
+ERROR_DETAILS_FILE = error_details_pb2.DESCRIPTOR.name
 # Health entry of the engine's background jobs (NOT_SERVING while one keeps failing).
 UPKEEP_HEALTH = "oo.upkeep"
 _UPKEEP_HEALTH_EVERY_S = 1.0

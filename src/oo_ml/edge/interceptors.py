@@ -2,12 +2,12 @@
 
 `EdgeInterceptor` wraps every ScoringService handler, once per method (the wrapped handler
 is built at the method's first call and reused), so a call pays for no handler building:
-- auth before parsing: the wrapped handler receives the raw request bytes, and when a
-  token is configured, `authorization: Bearer <token>` (scheme case-insensitive, RFC 7235)
-  is checked before the body is decoded: an unauthenticated caller cannot make the server
-  parse anything (UNAUTHENTICATED). Admin RPCs (Reset) need the admin token
-  (PERMISSION_DENIED for a valid non-admin token). Health stays open so probes need no
-  secret.
+- auth before parsing: the wrapped handler receives the raw request bytes, and
+  `authorization: Bearer <token>` (scheme case-insensitive, RFC 7235) is checked before the
+  body is decoded: an unauthenticated caller cannot make the server parse anything
+  (UNAUTHENTICATED). `OO_AUTH_TOKEN` guards every RPC; admin RPCs (Reset) need
+  `OO_ADMIN_TOKEN` when it is set (PERMISSION_DENIED for a valid non-admin token), and are
+  refused to every token when auth is on without one. Health stays open for probes.
 - decoding: a body that does not decode is INVALID_ARGUMENT naming the message type, never
   an internal class name.
 - deadlines: a call whose deadline has passed is not started, and a handler still running
@@ -124,19 +124,15 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
         )
 
     def _authorize(self, method: str, context: Context) -> None:
-        if self.token is None and self.admin_token is None:
+        """OO_AUTH_TOKEN guards every RPC; OO_ADMIN_TOKEN guards the admin RPCs (and is
+        accepted wherever the user token is). With neither set, nothing is checked."""
+        admin = method in ADMIN_METHODS
+        if self.token is None and (self.admin_token is None or not admin):
             return
-        header = next(
-            (v for k, v in context.invocation_metadata() or () if k == "authorization"), None
-        )
-        if isinstance(header, bytes):
-            header = header.decode("latin-1")
-        if not header or header[: len(_BEARER)].lower() != _BEARER:
-            raise Unauthenticated("missing bearer token (authorization: Bearer <token>)")
-        given = header[len(_BEARER) :].strip().encode("latin-1", "replace")
+        given = self._bearer(context)
         is_admin = self.admin_token is not None and hmac.compare_digest(given, self.admin_token)
         is_user = self.token is not None and hmac.compare_digest(given, self.token)
-        if method in ADMIN_METHODS:
+        if admin:
             if is_admin:
                 return
             if is_user:
@@ -144,6 +140,17 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
             raise Unauthenticated("invalid bearer token")
         if not (is_user or is_admin):
             raise Unauthenticated("invalid bearer token")
+
+    @staticmethod
+    def _bearer(context: Context) -> bytes:
+        header = next(
+            (v for k, v in context.invocation_metadata() or () if k == "authorization"), None
+        )
+        if isinstance(header, bytes):
+            header = header.decode("latin-1")
+        if not header or header[: len(_BEARER)].lower() != _BEARER:
+            raise Unauthenticated("missing bearer token (authorization: Bearer <token>)")
+        return header[len(_BEARER) :].strip().encode("latin-1", "replace")
 
     async def _fail(self, context: Context, err: BaseException) -> None:
         if isinstance(err, OoError):
