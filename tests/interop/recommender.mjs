@@ -204,6 +204,9 @@ async function stats(userId) {
   };
 }
 
+// A failure no amount of waiting can fix (a dead letter): `eventually` stops at once.
+class Terminal extends Error {}
+
 // Retries check until it passes or POLL_WITHIN_MS runs out; then throws its last failure
 // with what `explain` adds (counters, dead letters).
 async function eventually(what, check, explain = async () => "") {
@@ -212,6 +215,10 @@ async function eventually(what, check, explain = async () => "") {
     try {
       return await check();
     } catch (err) {
+      if (err instanceof Terminal) {
+        err.message = `${what}: ${err.message}${await explain()}`;
+        throw err;
+      }
       if (!(err instanceof assert.AssertionError)) throw err;
       if (Date.now() > deadline) {
         err.message = `${what}: not reached within ${POLL_WITHIN_MS} ms: ${err.message}${await explain()}`;
@@ -485,6 +492,8 @@ async function eventsScenario(encoding) {
       "every event took effect",
       async () => {
         const s = await stats(user);
+        const dead = s.ingest.dead_lettered - counters0.dead_lettered;
+        if (dead > 0) throw new Terminal(`${dead} message(s) dead-lettered`);
         assert.equal(s.ingest.duplicates - counters0.duplicates, 1, "one duplicate event_id seen");
         assert.equal(s.rewarded, 2, "rewarded decisions");
         assert.equal(s.rewardSum, 1, "reward_sum");
