@@ -229,6 +229,24 @@ async function eventually(what, check, explain = async () => "") {
   }
 }
 
+// With ingest on, every decision comes back as a TipServed signal and counts in the user's
+// tip_volume_30d. Waiting for them leaves nothing in flight, so the next scenario's deltas
+// of the process-wide Stats.ingest counters are exact.
+async function servedSignalsLanded(user, decisions, counters0) {
+  await eventually(
+    `the ${decisions} TipServed signals of ${user} were ingested`,
+    async () => {
+      const s = await stats(user);
+      noDeadLetters(s, counters0);
+      assert.deepEqual(s.features.tip_volume_30d, {
+        value: decisions,
+        origin: "FEATURE_ORIGIN_PROFILE_STORE",
+      });
+    },
+    () => explainIngest(user),
+  );
+}
+
 const CANDIDATES = [
   { tipId: "tip-focus", arm: "focus" },
   { tipId: "tip-break", arm: "break" },
@@ -238,6 +256,7 @@ const CANDIDATES = [
 
 async function grpcScenario() {
   const user = `rec-grpc-${RUN}`;
+  const counters0 = (await stats(user)).ingest;
   const first = await score(user, CANDIDATES, {
     context: { hourOfDay: 9, timezone: "Europe/Paris", openTasks: 4 },
     // proto-loader (keepCase: false) names this field completionRate_30d: protobufjs
@@ -309,6 +328,8 @@ async function grpcScenario() {
   const missing = await callFails("Reward", { decisionId: `no-such-decision-${RUN}`, reward: 1 });
   assert.equal(missing.code, grpc.status.NOT_FOUND, `Reward of an unknown decision: ${missing.message}`);
 
+  if (Object.keys(s.ingest).length > 0) await servedSignalsLanded(user, 3, counters0);
+
   return {
     decisionId: first.decisionId,
     arm: first.arm,
@@ -367,23 +388,45 @@ function makeEncoder(encoding) {
   };
 }
 
-async function deadLetterReasons(jsm, js) {
+// The reasons of the dead letters in oo-ml's DLQ stream (for failure messages).
+async function deadLetterReasons() {
+  if (!opts.nats) return ["(no --nats URL: dead letters not read)"];
+  let nc;
   try {
+    nc = await connect({ servers: opts.nats, name: "recommender-interop-dlq" });
+    const jsm = await jetstreamManager(nc);
     const name = await jsm.streams.find("dlq.>");
-    const info = await jsm.streams.info(name);
+    const n = Math.min((await jsm.streams.info(name)).state.messages, 50);
     const out = [];
-    const consumer = await js.consumers.get(name); // ordered, ephemeral
-    const n = info.state.messages;
-    if (n === 0) return [];
-    const iter = await consumer.fetch({ max_messages: Math.min(n, 50), expires: 2000 });
-    for await (const m of iter) {
+    if (n === 0) return out;
+    const consumer = await jetstream(nc).consumers.get(name); // ordered, ephemeral
+    for await (const m of await consumer.fetch({ max_messages: n, expires: 2000 })) {
       out.push(`${m.subject}: ${m.headers?.get("Oo-Dlq-Reason")}`);
-      if (out.length >= Math.min(n, 50)) break;
+      if (out.length >= n) break;
     }
     return out;
   } catch (err) {
     return [`(could not read the dead letters: ${err.message})`];
+  } finally {
+    await nc?.close();
   }
+}
+
+// What a failed ingest check prints: the user's Stats, the counters, the dead letters.
+async function explainIngest(user) {
+  const s = await stats(user).catch((e) => ({ error: e.message }));
+  const dead = await deadLetterReasons();
+  return (
+    `\n  Stats(${user}): ${JSON.stringify({ rewarded: s.rewarded, arms: s.arms, features: s.features, error: s.error })}` +
+    `\n  ingest counters: ${JSON.stringify(s.ingest)}` +
+    `\n  dead letters (${dead.length}):${dead.map((d) => `\n    ${d}`).join("")}`
+  );
+}
+
+// Dead letters are final: fail at once rather than wait for the poll deadline.
+function noDeadLetters(s, counters0) {
+  const dead = s.ingest.dead_lettered - counters0.dead_lettered;
+  if (dead > 0) throw new Terminal(`${dead} message(s) dead-lettered`);
 }
 
 async function eventsScenario(encoding) {
@@ -403,15 +446,7 @@ async function eventsScenario(encoding) {
         }
       }
     });
-    const explain = async () => {
-      const s = await stats(user).catch((e) => ({ error: e.message }));
-      const dead = await deadLetterReasons(jsm, js);
-      return (
-        `\n  Stats(${user}): ${JSON.stringify({ rewarded: s.rewarded, arms: s.arms, features: s.features })}` +
-        `\n  ingest counters: ${JSON.stringify(s.ingest)}` +
-        `\n  dead letters (${dead.length}):${dead.map((d) => `\n    ${d}`).join("")}`
-      );
-    };
+    const explain = () => explainIngest(user);
 
     const publish = async (subject, event, msgID) => {
       const { data, contentType } = encode(event);
@@ -492,8 +527,7 @@ async function eventsScenario(encoding) {
       "every event took effect",
       async () => {
         const s = await stats(user);
-        const dead = s.ingest.dead_lettered - counters0.dead_lettered;
-        if (dead > 0) throw new Terminal(`${dead} message(s) dead-lettered`);
+        noDeadLetters(s, counters0);
         assert.equal(s.ingest.duplicates - counters0.duplicates, 1, "one duplicate event_id seen");
         assert.equal(s.rewarded, 2, "rewarded decisions");
         assert.equal(s.rewardSum, 1, "reward_sum");
@@ -534,6 +568,7 @@ async function eventsScenario(encoding) {
     const d3 = await score(user, CANDIDATES);
     assert.deepEqual(d3.featureMap.open_tasks, settled.features.open_tasks);
     assert.deepEqual(d3.featureMap.mean_dwell_ms_30d, settled.features.mean_dwell_ms_30d);
+    await servedSignalsLanded(user, 3, counters0);
 
     return {
       user,
@@ -565,7 +600,8 @@ try {
   process.exit(0);
 } catch (err) {
   console.error(`interop scenario ${scenario} FAILED: ${err.message}`);
-  if (err.stack) console.error(err.stack.split("\n").slice(1, 6).join("\n"));
+  const frames = (err.stack ?? "").split("\n").filter((l) => /^\s+at /.test(l));
+  if (frames.length) console.error(frames.slice(0, 4).join("\n"));
   client.close();
   process.exit(1);
 }
