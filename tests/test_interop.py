@@ -18,7 +18,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,7 +47,7 @@ def _tool(name: str) -> str:
     return path
 
 
-def _prepare_node() -> str:
+def _prepare_node(say: Callable[[str], None]) -> str:
     """The node binary, with tests/interop/node_modules installed from the lock file."""
     node = _tool("node")
     version = subprocess.run([node, "--version"], capture_output=True, text=True, check=True)
@@ -57,7 +57,7 @@ def _prepare_node() -> str:
     lock = HARNESS_DIR / "package-lock.json"
     if not INSTALLED.exists() or INSTALLED.stat().st_mtime < lock.stat().st_mtime:
         npm = _tool("npm")
-        print("\ninstalling the Node interop harness (npm ci in tests/interop)", flush=True)
+        say("installing the Node interop harness (npm ci in tests/interop)")
         done = subprocess.run(
             [npm, "ci", "--no-audit", "--no-fund", "--ignore-scripts"],
             cwd=HARNESS_DIR,
@@ -72,10 +72,19 @@ def _prepare_node() -> str:
 
 
 @pytest.fixture(scope="session")
-def node() -> str | NodeMissing:
+def node(pytestconfig: pytest.Config) -> str | NodeMissing:
     """The node binary, or why there is none: each test then fails (never skips) with it."""
+    capture = pytestconfig.pluginmanager.get_plugin("capturemanager")
+
+    def say(line: str) -> None:  # shown even though pytest captures output
+        if capture is None:
+            print(line, flush=True)
+            return
+        with capture.global_and_fixture_disabled():
+            print(f"\n{line}", flush=True)
+
     try:
-        return _prepare_node()
+        return _prepare_node(say)
     except NodeMissing as e:
         return e
 
