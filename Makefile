@@ -52,4 +52,4 @@ run: $(STAMP)
 check: lint breaking test
 
 clean:
-	rm -rf $(VENV) .data .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .data .pytest_cache .mypy_cache .ruff_cache tests/interop/node_modules
