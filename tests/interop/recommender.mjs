@@ -187,8 +187,15 @@ async function stats(userId) {
     assert.equal(typeof a.estimate, "number");
     arms[a.arm] = { pulls: Number(a.pulls), rewarded: Number(a.rewarded), rewardSum: a.rewardSum };
   }
+  // A user's answer carries that user's figures only; the process-wide ingest counters
+  // (and users, shadows) are the policy-level answer's, asked for without a user.
+  assert.deepEqual(resp.ingest, {}, "a per-user Stats carries no server-wide ingest counters");
+  assert.equal(resp.users, "0", "users is a policy-level figure");
+  const server = await call("Stats", {});
+  assert.equal(server.userId, "");
+  assert.match(server.users, DECIMAL, "Stats.users");
   const ingest = {};
-  for (const [k, v] of Object.entries(resp.ingest)) {
+  for (const [k, v] of Object.entries(server.ingest)) {
     assert.match(v, DECIMAL, `Stats.ingest.${k}`);
     ingest[k] = Number(v);
   }
