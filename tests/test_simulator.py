@@ -298,3 +298,15 @@ def test_gate_command_without_a_server_exits_2(capsys: pytest.CaptureFixture[str
     )
     assert code == 2
     assert "Stats on" in capsys.readouterr().err
+
+
+def test_simulate_says_what_it_ran(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["simulate", "--users", "20", "--rounds", "100", "--policies", "egreedy"]) == 0
+    out = capsys.readouterr().out
+    header = out.splitlines()[0]
+    row = next(line for line in out.splitlines() if line.startswith("egreedy "))
+    decisions = int(row.split()[2])
+    # Users join over the first quarter of the rounds, so fewer than 20 x 100 decisions.
+    assert decisions < 20 * 100
+    assert "20 users joining over the first 25% of 100 rounds" in header
+    assert f"{decisions} decisions a policy" in header

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -160,18 +161,47 @@ def parser() -> argparse.ArgumentParser:
         description="Run the policies on the same synthetic users, contexts and rewards"
         " (oo_ml.sim.runner), and optionally evaluate policies off-policy on one policy's log"
         " and run the promotion gate. Policy knobs (OO_EPSILON, ...) come from the environment.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    simulate.add_argument("--policies", default="egreedy,linucb,lints,uniform")
-    simulate.add_argument("--users", type=int, default=50)
-    simulate.add_argument("--rounds", type=int, default=300, help="each round serves every user")
-    simulate.add_argument("--seed", type=int, default=1)
-    simulate.add_argument("--last", type=int, default=50, help="rounds of the best-arm rate")
-    simulate.add_argument("--log-policy", default="", help="policy whose decisions are logged")
     simulate.add_argument(
-        "--evaluate", default="", help="policies to evaluate on the log (default log: egreedy)"
+        "--policies",
+        default="egreedy,linucb,lints,uniform",
+        help="comma-separated policies to run, each on the same world",
     )
-    simulate.add_argument("--min-samples", type=int, default=500)
-    simulate.add_argument("--margin", type=float, default=0.0)
+    simulate.add_argument("--users", type=int, default=50, help="users in the population")
+    simulate.add_argument(
+        "--rounds",
+        type=int,
+        default=300,
+        help="steps of time; each serves every user who has joined (users join over the"
+        " first quarter of the rounds, so decisions < users x rounds)",
+    )
+    simulate.add_argument(
+        "--seed", type=int, default=1, help="seeds the world and every decision's RNG"
+    )
+    simulate.add_argument(
+        "--last", type=int, default=50, help="rounds over which the best-arm rate is measured"
+    )
+    simulate.add_argument(
+        "--log-policy",
+        default="",
+        help="policy whose decisions are logged for --evaluate (default: egreedy when"
+        " --evaluate is given)",
+    )
+    simulate.add_argument(
+        "--evaluate",
+        default="",
+        help="comma-separated policies to estimate off-policy on the log, then gate",
+    )
+    simulate.add_argument(
+        "--min-samples", type=int, default=500, help="samples the gate needs to promote"
+    )
+    simulate.add_argument(
+        "--margin",
+        type=float,
+        default=0.0,
+        help="how far the DR lower bound must beat the logging policy's mean to promote",
+    )
     simulate.set_defaults(func=_simulate)
     gate_cmd = sub.add_parser(
         "gate",
@@ -198,7 +228,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    result: int = ns.func(ns)
+    try:
+        result: int = ns.func(ns)
+    except BrokenPipeError:
+        # The reader went away (`oo-ml config | head`): not an error worth a traceback.
+        # Point stdout at /dev/null so the interpreter's final flush does not fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, as a shell tool would
     return result
 
 

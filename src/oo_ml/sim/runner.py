@@ -528,8 +528,11 @@ def render(report: Report) -> str:
     sim = report.simulation
     cfg = sim.config
     lines = [
-        f"{cfg.users} users x {cfg.rounds} rounds, seed {cfg.seed}. value: true expected reward"
-        " of the policy's propensities; regret: vs the oracle, in expectation;",
+        f"{cfg.users} users joining over the first {cfg.arrival_fraction:.0%} of {cfg.rounds}"
+        f" rounds (one decision per joined user per round: {sim.oracle.decisions} decisions a"
+        f" policy), seed {cfg.seed}.",
+        "value: true expected reward of the policy's propensities; regret: vs the oracle, in"
+        " expectation;",
         f"best arm: share of the oracle's choice over the last {cfg.last_rounds} rounds.",
         "",
         f"{'policy':<12} {'fv':<3} {'decisions':>9} {'mean reward':>11} {'value':>8}"
