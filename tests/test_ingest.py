@@ -151,7 +151,7 @@ async def harness_factory(
     for h in reversed(made):
         await h.ingest.stop()
         await h.nc.close()
-        await h.engine.drain()
+        await h.engine.close()
         await h.store.close()
 
 
@@ -454,8 +454,12 @@ async def test_score_keeps_serving_while_nats_is_away_and_ingest_resumes(harness
     await assert_eventually(down, 5)
     for _ in range(5):
         await harness.decide()
-    # Score answered while NATS was away: its serve signals wait in the queue.
-    assert harness.ingest.publisher.queued == 5
+    # Score answered while NATS was away: once their decisions are committed, their serve
+    # signals wait in the publisher's queue.
+    async def queued() -> None:
+        assert harness.ingest.publisher.queued == 5
+
+    await assert_eventually(queued, 5)
     assert await harness.health_status() == health_pb2.HealthCheckResponse.NOT_SERVING
 
     await harness.nats.restart()

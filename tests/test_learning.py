@@ -62,6 +62,7 @@ async def test_egreedy_learns_the_hour_dependent_best_arm(tmp_path: Path) -> Non
                 greedy_hits.append(rec.chosen.arm == best_arm(hour))
             await engine.reward(rec.decision_id, reward_for(rec.chosen.arm, hour, rnd))
     finally:
+        await engine.close()
         await store.close()
     accuracy = sum(greedy_hits[-LAST:]) / LAST
     assert accuracy >= GREEDY_ACCURACY, f"greedy choice right in {accuracy:.0%}"
@@ -126,4 +127,5 @@ async def test_new_users_start_from_the_population_prior(tmp_path: Path) -> None
         without = await first_choices([f"cold{i}" for i in range(200)])
         assert without < with_prior
     finally:
+        await engine.close()
         await store.close()

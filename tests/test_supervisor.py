@@ -24,8 +24,8 @@ async def test_a_failing_stop_step_does_not_skip_the_others(
     assert app.engine is not None and app.generator is not None and app.store is not None
     closed: list[str] = []
 
-    async def failing_drain() -> None:
-        raise RuntimeError("drain failed (injected)")
+    async def failing_close() -> None:
+        raise RuntimeError("close failed (injected)")
 
     real_aclose = app.generator.aclose
 
@@ -33,7 +33,7 @@ async def test_a_failing_stop_step_does_not_skip_the_others(
         closed.append("generator")
         await real_aclose()
 
-    app.engine.drain = failing_drain  # type: ignore[method-assign]
+    app.engine.close = failing_close  # type: ignore[method-assign]
     app.generator.aclose = aclose  # type: ignore[method-assign]
     with pytest.raises(RuntimeError, match="injected"):
         await app.stop()
@@ -41,7 +41,7 @@ async def test_a_failing_stop_step_does_not_skip_the_others(
     assert closed == ["generator"]
     with pytest.raises(TransientStoreError, match="closed"):
         await app.store.commit([])
-    assert "stopping the shadow scoring failed" in caplog.text
+    assert "stopping the decision log failed" in caplog.text
     await app.stop()  # a second stop is safe and does nothing
     assert closed == ["generator"]
 

@@ -30,10 +30,15 @@ class Clock:
         return self.now
 
 
+_ENGINES: list[ScoringEngine] = []
+
+
 @pytest.fixture
 async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
     s = SqliteStore.open(tmp_path / "upkeep.db")
     yield s
+    while _ENGINES:  # their decision logs commit before the store closes
+        await _ENGINES.pop().close()
     await s.close()
 
 
@@ -46,7 +51,9 @@ def engine_on(store: SqliteStore, clock: Clock, **env: str) -> ScoringEngine:
         **env,
     }
     cfg = config_mod.load(env=settings).scoring
-    return ScoringEngine(cfg, store, NoStoredFeatures(), ALL_FEATURES, clock=clock)
+    engine = ScoringEngine(cfg, store, NoStoredFeatures(), ALL_FEATURES, clock=clock)
+    _ENGINES.append(engine)
+    return engine
 
 
 async def score(engine: ScoringEngine, user: str) -> str:
@@ -58,6 +65,7 @@ async def test_a_failing_prior_refresh_does_not_stop_the_sweeper(store: SqliteSt
     clock = Clock()
     engine = engine_on(store, clock)
     ids = [await score(engine, f"u{i}") for i in range(3)]
+    await engine.drain()
     clock.now += WINDOW + 1  # every decision is now past the reward window
 
     calls = 0
@@ -109,6 +117,7 @@ async def test_an_undecodable_decision_is_set_aside_and_does_not_block_the_sweep
     clock = Clock()
     engine = engine_on(store, clock)
     ids = [await score(engine, f"u{i}") for i in range(4)]
+    await engine.drain()  # the decisions are committed, out of the write-behind buffer
     bad = ids[1]
     # Corrupt one decision's record on disk, as a bad migration or a bit flip would.
     with sqlite3.connect(tmp_path / "upkeep.db") as conn:
@@ -131,6 +140,7 @@ async def test_an_undecodable_decision_is_set_aside_and_does_not_block_the_sweep
 
     # The next sweep neither trips on it again nor finds anything left to do.
     more = await score(engine, "u9")
+    await engine.drain()
     clock.now += WINDOW + 1
     assert await engine.sweep_once() == 1
     assert engine.upkeep.set_aside == 1

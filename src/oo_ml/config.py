@@ -138,6 +138,38 @@ class ScoringConfig:
     prior_refresh_s: float = setting(
         30.0, "OO_PRIOR_REFRESH_S", "How often the population prior is recomputed."
     )
+    decision_durability: str = setting(
+        "async",
+        "OO_DECISION_DURABILITY",
+        "async: Score answers once its decision is in the log buffer, group-committed every"
+        " OO_DECISION_FLUSH_MS (a crash loses at most that interval's decisions, never an"
+        " acknowledged reward); sync: Score answers after its decision's fsync.",
+    )
+    decision_flush_ms: float = setting(
+        5.0, "OO_DECISION_FLUSH_MS", "Longest a logged decision waits for its group commit."
+    )
+    decision_flush_records: int = setting(
+        512, "OO_DECISION_FLUSH_RECORDS", "Buffered decisions that start a commit at once."
+    )
+    state_cache_mb: float = setting(
+        256.0, "OO_STATE_CACHE_MB", "Memory for decoded user models; the least recent go first."
+    )
+    feature_cache_s: float = setting(
+        30.0,
+        "OO_FEATURE_CACHE_S",
+        "How long a user's stored profile and task features are cached (ingest refreshes"
+        " them at once in this process).",
+    )
+    shadow_queue: int = setting(
+        10_000,
+        "OO_SHADOW_QUEUE",
+        "Decisions waiting for shadow scoring; beyond, dropped and counted.",
+    )
+    shadow_cpu_share: float = setting(
+        0.1,
+        "OO_SHADOW_CPU_SHARE",
+        "Most of the event loop's time shadow scoring may take; past it, shadows drop and count.",
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,6 +255,18 @@ class Config:
         ):
             if not (math.isfinite(value) and value >= 0):
                 problems.append(f"{name} must be a finite number >= 0 (got {value})")
+        if s.decision_durability not in ("async", "sync"):
+            problems.append("OO_DECISION_DURABILITY must be 'async' or 'sync'")
+        if not (math.isfinite(s.decision_flush_ms) and 0 < s.decision_flush_ms <= 1000):
+            problems.append("OO_DECISION_FLUSH_MS must be in (0, 1000]")
+        if s.decision_flush_records < 1 or s.shadow_queue < 1:
+            problems.append("OO_DECISION_FLUSH_RECORDS and OO_SHADOW_QUEUE must be >= 1")
+        if not (math.isfinite(s.state_cache_mb) and s.state_cache_mb >= 0):
+            problems.append("OO_STATE_CACHE_MB must be a finite number >= 0")
+        if not (math.isfinite(s.feature_cache_s) and s.feature_cache_s >= 0):
+            problems.append("OO_FEATURE_CACHE_S must be a finite number >= 0")
+        if not (0 < s.shadow_cpu_share <= 1):
+            problems.append("OO_SHADOW_CPU_SHARE must be in (0, 1]")
         if s.max_candidates is not None and s.max_candidates < 1:
             problems.append("OO_MAX_CANDIDATES must be >= 1")
         if s.max_arms < (s.max_candidates or 1):

@@ -198,7 +198,8 @@ class App:
             steps.append(("gRPC server", lambda: server.stop(self.config.server.grace_s)))
         steps.append(("upkeep", self._stop_upkeep))
         if self.engine is not None:
-            steps.append(("shadow scoring", self.engine.drain))
+            # Shadows drained and the decision log's buffer committed, before the store goes.
+            steps.append(("decision log", self.engine.close))
         if self.ingest is not None:
             steps.append(("ingest", self.ingest.stop))
         if self.generator is not None:

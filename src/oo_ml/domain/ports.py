@@ -14,13 +14,13 @@ proto or a byte string.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from oo_ml.domain.decisions import DecisionRecord, RewardState
+from oo_ml.domain.decisions import DecisionRecord, RewardState, ShadowView
 from oo_ml.domain.events import Event
-from oo_ml.domain.features import StoredValue, TaskView
+from oo_ml.domain.features import StoredValue, TaskView, Vector
 from oo_ml.domain.state import PolicyState
 
 
@@ -46,10 +46,12 @@ class InsertDecision:
 
 
 @dataclass(frozen=True, slots=True)
-class ReplaceDecision:
-    """Attach late results (the shadows' views) to a logged decision."""
+class AttachShadows:
+    """The shadows' views of a logged decision, stored beside it (never rewriting it)."""
 
-    record: DecisionRecord
+    decision_id: str
+    views: tuple[ShadowView, ...]
+    vectors: Mapping[str, Vector]
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,7 +75,7 @@ class AddOffPolicy:
     dr: float  # the doubly-robust term of this sample
 
 
-Write = PutState | InsertDecision | ReplaceDecision | MarkRewarded | AddOffPolicy
+Write = PutState | InsertDecision | AttachShadows | MarkRewarded | AddOffPolicy
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,7 +149,14 @@ class Store(StateStore, Protocol):
         ...
 
     async def get_decision(self, decision_id: str) -> StoredDecision | None:
-        """The logged decision; `UnreadableRecord` if it does not decode."""
+        """The logged decision with its shadows' views; `UnreadableRecord` if it does
+        not decode."""
+        ...
+
+    async def pulls(self, user_id: str, policy: str) -> dict[str, int]:
+        """Decisions logged per chosen arm for the user under the policy. Kept as counters
+        beside the log (a logged decision bumps its arm's), not in the model, so a Score
+        never writes learned state."""
         ...
 
     async def pending_before(self, cutoff: float, limit: int) -> list[str]: ...

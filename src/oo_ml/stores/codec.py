@@ -7,7 +7,7 @@ rather than guess at it.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import TypeVar
 
 import numpy as np
@@ -15,6 +15,7 @@ from google.protobuf.message import DecodeError
 
 from oo.state.v1 import state_pb2
 from oo_ml.domain.decisions import DecisionRecord, LoggedCandidate, ShadowView
+from oo_ml.domain.features import Vector
 from oo_ml.domain.state import FORMAT_VERSION, ArmModel, PolicyState
 from oo_ml.errors import UnreadableRecord, UnsupportedFormat
 
@@ -163,3 +164,38 @@ def _decode_decision(data: bytes) -> DecisionRecord:
             for s in msg.shadows
         ),
     )
+
+
+def encode_shadow_views(views: Sequence[ShadowView], vectors: Mapping[str, Vector]) -> bytes:
+    msg = state_pb2.ShadowViews()
+    for s in views:
+        msg.shadows.add(
+            policy=s.policy,
+            chosen_arm=s.chosen_arm,
+            logged_arm_propensity=s.logged_arm_propensity,
+            propensities=s.propensities,
+            estimates=s.estimates,
+        )
+    for version in sorted(vectors):
+        msg.shadow_vectors.add(feature_version=version, x=vectors[version].tolist())
+    return msg.SerializeToString(deterministic=True)
+
+
+def decode_shadow_views(data: bytes) -> tuple[tuple[ShadowView, ...], dict[str, Vector]]:
+    return _readable("ShadowViews", _decode_shadow_views, data)
+
+
+def _decode_shadow_views(data: bytes) -> tuple[tuple[ShadowView, ...], dict[str, Vector]]:
+    msg = state_pb2.ShadowViews.FromString(data)
+    views = tuple(
+        ShadowView(
+            policy=s.policy,
+            chosen_arm=s.chosen_arm,
+            logged_arm_propensity=s.logged_arm_propensity,
+            propensities=tuple(s.propensities),
+            estimates=tuple(s.estimates),
+        )
+        for s in msg.shadows
+    )
+    vectors = {v.feature_version: np.array(v.x, dtype=np.float64) for v in msg.shadow_vectors}
+    return views, vectors

@@ -264,3 +264,33 @@ class Decision(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Decision: _TypeAlias = Decision  # noqa: Y015
+
+@_typing.final
+class ShadowViews(_message.Message):
+    """The shadows' views of one served decision, stored beside it (written after the
+    answer, never rewriting the decision).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SHADOWS_FIELD_NUMBER: _builtins.int
+    SHADOW_VECTORS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def shadows(self) -> _containers.RepeatedCompositeFieldContainer[Global___ShadowDecision]: ...
+    @_builtins.property
+    def shadow_vectors(self) -> _containers.RepeatedCompositeFieldContainer[Global___FeatureVector]:
+        """Vectors for the shadows' feature versions, when they differ from the decision's."""
+
+    def __init__(
+        self,
+        *,
+        shadows: _abc.Iterable[Global___ShadowDecision] | None = ...,
+        shadow_vectors: _abc.Iterable[Global___FeatureVector] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["shadow_vectors", b"shadow_vectors", "shadows", b"shadows"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ShadowViews: _TypeAlias = ShadowViews  # noqa: Y015

@@ -1,8 +1,20 @@
-"""Per-user models as the policies see them: read from the state store, grown to the
-policy's feature version, with new arms started from the population prior."""
+"""Per-user models as the policies see them, decoded once and kept in memory.
+
+`Models` is a bounded cache of decoded `PolicyState`s keyed by (user, policy), each with the
+store revision it was read at. A warm Score reads it without touching a thread or the
+disk. Only rewards change a model, and every reward is a compare-and-set on the store that
+writes through to the cache on success and forgets the entry on a conflict; so in one
+process a cached model always equals the one the store would decode (tests check it after
+any mix of Score, Reward, Reset and restart).
+
+The cache is sized by `OO_STATE_CACHE_MB`, from an estimate of each model's arrays; the
+least recently used models go first. New arms start from the population prior
+(`with_arms`), which upkeep refreshes into `priors`.
+"""
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import numpy as np
@@ -13,25 +25,90 @@ from oo_ml.domain.policies import Policy
 from oo_ml.domain.ports import StateStore
 from oo_ml.domain.state import PolicyState, empty_state
 
+# What a cached model costs beside its arrays: the dict entry, the dataclasses, the
+# numpy headers (about 112 bytes an array) and a stacked copy of the arrays for scoring.
+_ENTRY_BYTES = 600
+_ARM_BYTES = 400
+
+
+def model_bytes(state: PolicyState) -> int:
+    """An estimate of what a decoded model holds in memory."""
+    per_arm = 2 * 8 * (state.dim * state.dim + state.dim) + _ARM_BYTES
+    return _ENTRY_BYTES + per_arm * len(state.arms)
+
 
 class Models:
     def __init__(self, store: StateStore, config: ScoringConfig) -> None:
         self.store = store
         self.config = config
-        # The population prior of each policy, refreshed by upkeep (`Priors`).
+        # The population prior of each policy, refreshed by upkeep.
         self.priors: dict[str, PolicyState] = {}
+        self.budget_bytes = int(config.state_cache_mb * 1024 * 1024)
+        self._cache: OrderedDict[tuple[str, str], tuple[int, PolicyState, int]] = OrderedDict()
+        self.bytes = 0
+        self.hits = 0
+        self.misses = 0
+        self.evictions = 0
+
+    def __len__(self) -> int:
+        return len(self._cache)
 
     async def load(self, user_id: str, policy: Policy) -> tuple[int, PolicyState]:
         """The user's state under the policy and its store revision (0: none stored)."""
+        key = (user_id, policy.name)
+        cached = self._cache.get(key)
+        if cached is not None:
+            self._cache.move_to_end(key)
+            self.hits += 1
+            return cached[0], cached[1]
+        self.misses += 1
         fv = FEATURE_VERSIONS[policy.feature_version]
         stored = await self.store.get(user_id, policy.name)
         if stored is None:
-            return 0, empty_state(policy.name, fv.name, fv.dim, self.config.ridge_lambda)
-        state = stored.state
-        if state.dim < fv.dim:
-            # The policy moved to a larger feature version: keep what was learned (ADR 0005).
-            state = state.migrated(fv.name, fv.dim)
-        return stored.revision, state
+            revision, state = 0, empty_state(policy.name, fv.name, fv.dim, self.config.ridge_lambda)
+        else:
+            revision, state = stored.revision, stored.state
+            if state.dim < fv.dim:
+                # The policy moved to a larger feature version: keep what was learned (ADR 0005).
+                state = state.migrated(fv.name, fv.dim)
+        # A write that landed while we read (another coroutine's reward) wins.
+        current = self._cache.get(key)
+        if current is not None and current[0] >= revision:
+            return current[0], current[1]
+        self.put(user_id, policy.name, revision, state)
+        return revision, state
+
+    def put(self, user_id: str, policy: str, revision: int, state: PolicyState) -> None:
+        """Record the model the store now holds at `revision` (after a commit, or a read)."""
+        key = (user_id, policy)
+        old = self._cache.pop(key, None)
+        if old is not None:
+            self.bytes -= old[2]
+        size = model_bytes(state)
+        self._cache[key] = (revision, state, size)
+        self.bytes += size
+        while self.bytes > self.budget_bytes and self._cache:
+            _, (_, _, gone) = self._cache.popitem(last=False)
+            self.bytes -= gone
+            self.evictions += 1
+
+    def forget(self, user_id: str, policy: str) -> None:
+        """Drop an entry the store may have moved past (a conflict, another writer)."""
+        old = self._cache.pop((user_id, policy), None)
+        if old is not None:
+            self.bytes -= old[2]
+
+    def forget_user(self, user_id: str) -> None:
+        for key in [k for k in self._cache if k[0] == user_id]:
+            self.forget(*key)
+
+    def cached(self, user_id: str, policy: str) -> tuple[int, PolicyState] | None:
+        """The cached entry, for tests and operators; no store read, no LRU update."""
+        entry = self._cache.get((user_id, policy))
+        return (entry[0], entry[1]) if entry is not None else None
+
+    def keys(self) -> list[tuple[str, str]]:
+        return list(self._cache)
 
     def with_arms(self, state: PolicyState, policy: str, arms: Sequence[str]) -> PolicyState:
         """The state with every arm of `arms`, new ones started from the prior."""

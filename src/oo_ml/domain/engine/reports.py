@@ -6,6 +6,7 @@ import time
 from collections.abc import Callable
 
 from oo_ml.domain.contracts import Contracts
+from oo_ml.domain.engine.decision_log import DecisionLog
 from oo_ml.domain.engine.models import Models, fit
 from oo_ml.domain.engine.types import ArmReport, PromptReport, StatsReport
 from oo_ml.domain.features import FEATURE_VERSIONS, FeatureStore, Inputs, assemble
@@ -21,16 +22,22 @@ class Reports:
         features: FeatureStore,
         contracts: Contracts,
         models: Models,
+        decisions: DecisionLog,
+        *,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
         self.features = features
         self.contracts = contracts
         self.models = models
+        self.decisions = decisions
         self.clock = clock
 
     async def stats(self, user_id: str, policy: Policy) -> StatsReport:
         """A user's report under the policy, or the policy's aggregate when user_id is ""."""
+        # Stats reads the store: what the write-behind log holds is committed first (a
+        # shared fsync), so every decision answered so far is counted.
+        await self.decisions.durable()
         fv = FEATURE_VERSIONS[policy.feature_version]
         now = self.clock()
         stored = await self.features.stored_features(user_id, now) if user_id else {}
@@ -40,15 +47,24 @@ class Reports:
             # A user's figures only: server-wide ones (users, shadows, ingest) are the
             # policy-level answer's.
             _, state = await self.models.load(user_id, policy)
-            arms = [
-                ArmReport(a, m.pulls, m.rewarded, m.reward_sum, float(m.theta @ fit(x, state.dim)))
-                for a, m in sorted(state.arms.items())
-            ]
+            # Pulls: counted beside the log since Score stopped writing models, plus what
+            # the model counted before that (`pulls` in its blob).
+            logged = await self.store.pulls(user_id, policy.name)
+            names = sorted(set(state.arms) | set(logged))
+            xs = fit(x, state.dim)
+            arms = []
+            for a in names:
+                m = state.arms.get(a)
+                pulls = logged.get(a, 0) + (m.pulls if m else 0)
+                if m is None:
+                    arms.append(ArmReport(a, pulls, 0, 0.0, 0.0))
+                else:
+                    arms.append(ArmReport(a, pulls, m.rewarded, m.reward_sum, float(m.theta @ xs)))
             return StatsReport(
                 user_id=user_id,
                 policy=policy.name,
                 feature_version=state.feature_version,
-                decisions=state.decisions,
+                decisions=state.decisions + sum(logged.values()),
                 arms=arms,
                 prompts=_prompts(await self.store.prompt_totals(policy.name, user_id)),
                 shadows=[],

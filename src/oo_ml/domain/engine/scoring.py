@@ -1,12 +1,18 @@
 """The scoring engine: Score, Reward and Reset over the policies and the store.
 
-It decides; handlers translate and stores persist. Updates to one user are serialised by
-a per-user asyncio lock (no global lock), and every write goes through the store's
-atomic commit with compare-and-set on the state revision, so a second replica sharing the
-store would retry instead of losing an update.
+It decides; handlers translate and stores persist. The hot path (ADR 0011):
 
-The engine is assembled from its parts: `Models` (state as the policies see it),
-`Shadows` (scored after the answer), `Reports` (Stats) and `Upkeep` (sweeper, pruning and
+- **Score is read-only on learned state.** It reads the user's model from the in-memory
+  cache (`Models`), decides, appends the decision to the write-behind log
+  (`DecisionLog`) and answers; a warm Score touches no thread and no disk. Pulls are
+  counted beside the log, not in the model.
+- **Rewards change models**, each as one atomic commit with compare-and-set on the state
+  revision that writes through to the cache, so a second writer sharing the store makes
+  us retry instead of losing an update. Rewards to one user are serialised by a per-user
+  asyncio lock (no global lock), and a reward is acknowledged only after its commit.
+
+The engine is assembled from its parts: `Models`, `DecisionLog`, `Shadows` (scored after
+the answer through a bounded queue), `Reports` (Stats) and `Upkeep` (sweeper, pruning and
 priors, each on its own schedule).
 """
 
@@ -16,13 +22,13 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from dataclasses import replace
-from typing import Any
 
 from oo_ml.config import ScoringConfig
 from oo_ml.domain.contracts import Contracts
 from oo_ml.domain.decisions import DecisionRecord, LoggedCandidate
+from oo_ml.domain.engine.decision_log import DecisionLog
 from oo_ml.domain.engine.locks import KeyedLocks
 from oo_ml.domain.engine.models import Models, fit
 from oo_ml.domain.engine.reports import Reports
@@ -41,7 +47,6 @@ from oo_ml.domain.features import FEATURE_VERSIONS, Assembled, FeatureStore, Inp
 from oo_ml.domain.policies import Policy, build_policies
 from oo_ml.domain.ports import (
     GenerationRecord,
-    InsertDecision,
     MarkRewarded,
     PutState,
     Store,
@@ -79,13 +84,25 @@ class ScoringEngine:
         self.listeners: list[DecisionListener] = []
         self.locks = KeyedLocks()
         self.models = Models(store, config)
-        self.shadows = Shadows(self.policies, config.shadow_policies, self.models, store)
-        self.reports = Reports(store, features, contracts, self.models, clock)
+        self.log = DecisionLog(
+            store,
+            flush_ms=config.decision_flush_ms,
+            flush_records=config.decision_flush_records,
+            on_durable=self._durable,
+        )
+        self.sync = config.decision_durability == "sync"
+        self.shadows = Shadows(
+            self.policies,
+            config.shadow_policies,
+            self.models,
+            self.log,
+            queue_size=config.shadow_queue,
+            cpu_share=config.shadow_cpu_share,
+        )
+        self.reports = Reports(store, features, contracts, self.models, self.log, clock=clock)
         self.upkeep = Upkeep(
             config, store, self.models, self.policies, reward=self.reward, clock=clock
         )
-        self._tasks: set[asyncio.Task[None]] = set()
-        self.shadow_failures = 0
 
     # -- policies ---------------------------------------------------------------------------
 
@@ -104,7 +121,12 @@ class ScoringEngine:
 
     @property
     def background_failures(self) -> int:
-        return self.upkeep.failures + self.shadow_failures
+        return self.upkeep.failures + self.shadows.counters.failures
+
+    def _durable(self, record: DecisionRecord) -> None:
+        """A decision reached the store: tell the listeners (ingest publishes TipServed)."""
+        for listener in self.listeners:
+            listener.decision_made(record)
 
     async def assemble(self, user_id: str, inputs: Inputs) -> Assembled:
         """The request's values, completed from the stores and the contracts' fallbacks."""
@@ -122,49 +144,36 @@ class ScoringEngine:
         candidates = await self._attributed(cmd.candidates)
         arms = [c.arm for c in candidates]
         decision_id = self.decision_ids()
-        async with self.locks.hold(cmd.user_id):
-            for _ in range(_CAS_ATTEMPTS):
-                revision, state = await self.models.load(cmd.user_id, policy)
-                state = self.models.with_arms(state, policy.name, arms)
-                sel = policy.select(state, x, arms, rng_for(decision_id))
-                record = DecisionRecord(
-                    decision_id=decision_id,
-                    user_id=cmd.user_id,
-                    policy=policy.name,
-                    feature_version=policy.feature_version,
-                    x=x,
-                    candidates=tuple(
-                        LoggedCandidate(
-                            c.tip_id,
-                            c.arm,
-                            sel.scores[i],
-                            sel.propensities[i],
-                            c.generation_id,
-                            c.prompt_version,
-                        )
-                        for i, c in enumerate(candidates)
-                    ),
-                    chosen_index=sel.chosen,
-                    explored=sel.explored,
-                    created_at=now,
+        # No lock and no write of learned state: a concurrent reward may land first or
+        # after, and either way this decision is one a bandit could have made.
+        _, state = await self.models.load(cmd.user_id, policy)
+        state = self.models.with_arms(state, policy.name, arms)
+        sel = policy.select(state, x, arms, rng_for(decision_id))
+        record = DecisionRecord(
+            decision_id=decision_id,
+            user_id=cmd.user_id,
+            policy=policy.name,
+            feature_version=policy.feature_version,
+            x=x,
+            candidates=tuple(
+                LoggedCandidate(
+                    c.tip_id,
+                    c.arm,
+                    sel.scores[i],
+                    sel.propensities[i],
+                    c.generation_id,
+                    c.prompt_version,
                 )
-                chosen = record.chosen
-                writes: list[Write] = [
-                    PutState(cmd.user_id, policy.name, revision, state.chose(chosen.arm)),
-                    InsertDecision(record),
-                ]
-                try:
-                    await self.store.commit(writes)
-                    break
-                except Conflict:
-                    continue  # another writer moved the state: decide again on the new one
-            else:
-                raise Unavailable(f"state of {cmd.user_id!r} kept changing; try again")
-        for listener in self.listeners:
-            listener.decision_made(record)
-        shadows = self.shadows.of(policy.name)
-        if shadows:
-            self._spawn(self.shadows.score(record, assembled, shadows))
+                for i, c in enumerate(candidates)
+            ),
+            chosen_index=sel.chosen,
+            explored=sel.explored,
+            created_at=now,
+        )
+        self.log.append(record)
+        if self.sync:
+            await self.log.durable(decision_id)
+        self.shadows.offer(record, assembled)
         return ScoreResult(record=record, features=assembled)
 
     async def _attributed(self, candidates: tuple[Candidate, ...]) -> tuple[Candidate, ...]:
@@ -187,21 +196,15 @@ class ScoringEngine:
     async def record_generation(self, record: GenerationRecord) -> None:
         await self.store.record_generation(record)
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-
-    def _task_done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            self.shadow_failures += 1
-            log.error("shadow scoring failed", exc_info=task.exception())
-
     async def drain(self) -> None:
-        """Wait for the shadow scoring still in flight."""
-        while self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        """Until the shadow queue is empty and every logged decision is committed."""
+        await self.shadows.drain()
+        await self.log.durable()
+
+    async def close(self) -> None:
+        """Drain, then commit what is buffered and refuse new decisions. Idempotent."""
+        await self.shadows.drain()
+        await self.log.close()
 
     # -- Reward ---------------------------------------------------------------------------
 
@@ -210,6 +213,9 @@ class ScoringEngine:
     ) -> RewardResult:
         """Apply a reward to a logged decision, once. A second reward changes nothing."""
         now = self.clock() if now is None else now
+        # A decision still in the write-behind buffer is committed first, so that the
+        # reward's commit can find it (and a crash cannot keep a reward but lose its decision).
+        await self.log.durable(decision_id)
         first = await self.store.get_decision(decision_id)
         if first is None:
             raise NotFound(f"decision {decision_id!r} not found")
@@ -231,11 +237,17 @@ class ScoringEngine:
                 # Re-read: the shadows' views may have been attached since.
                 record = current.record
                 writes = await self._reward_writes(record, reward, now, source)
+                states = [w for w in writes if isinstance(w, PutState)]
                 try:
-                    await self.store.commit(writes)
-                    return RewardResult(True, record.policy, record.chosen.arm)
+                    revisions = await self.store.commit(writes)
                 except Conflict:
+                    # Another writer moved a model (or rewarded the decision): read again.
+                    for w in states:
+                        self.models.forget(w.user_id, w.policy)
                     continue
+                for w in states:  # write through: the cache holds what the store holds
+                    self.models.put(w.user_id, w.policy, revisions[(w.user_id, w.policy)], w.state)
+                return RewardResult(True, record.policy, record.chosen.arm)
         raise Unavailable(f"state of {record.user_id!r} kept changing; try again")
 
     async def _reward_writes(
@@ -259,7 +271,13 @@ class ScoringEngine:
 
     async def reset(self, user_id: str) -> tuple[int, int]:
         async with self.locks.hold(user_id):
-            return await self.store.reset_user(user_id)
+            # Buffered decisions of the user are committed first, so that Reset clears
+            # them too instead of seeing them land after it.
+            await self.log.durable()
+            try:
+                return await self.store.reset_user(user_id)
+            finally:
+                self.models.forget_user(user_id)
 
     # -- background -----------------------------------------------------------------------
 

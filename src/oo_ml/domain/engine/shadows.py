@@ -1,25 +1,56 @@
 """Shadow policies: scored after the served answer, learning from the served policy's
 rewards, with an off-policy value estimate accumulated per rewarded sample.
 
-A shadow never changes what the user sees. Its view of a decision (its choice, its
-propensities and its model's estimates for every logged candidate) is attached to the
-logged decision; when that decision is rewarded, the shadow's model learns from the
-served policy's data (without counting the pull as its own) and the sample's IPS and DR
-terms are added to the (served, shadow) accumulators that `Stats.shadows` reads.
+A shadow never changes what the user sees, and never slows it down:
+
+- Score only offers the decision to a bounded queue; a full queue drops it and counts it.
+- One worker scores the queue. Its share of the event loop is capped by a token bucket
+  (`OO_SHADOW_CPU_SHARE`): when the server is saturated, shadow samples are dropped and
+  counted instead of taking time from Score. Off-policy estimates need a sample of the
+  traffic, not all of it; `dropped` says how much was skipped.
+- A shadow's view of a decision (its choice, its propensities and its model's estimates for
+  every logged candidate) goes to the decision log as a row of its own (`AttachShadows`),
+  riding the same group commit as the decisions.
+
+When that decision is rewarded, the shadow's model learns from the served policy's data
+(without counting the pull as its own) and the sample's IPS and DR terms are added to the
+(served, shadow) accumulators that `Stats.shadows` reads.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import time
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from oo_ml.domain.decisions import DecisionRecord, ShadowView
+from oo_ml.domain.engine.decision_log import DecisionLog
 from oo_ml.domain.engine.models import Models, fit
 from oo_ml.domain.features import FEATURE_VERSIONS, Assembled, Vector
 from oo_ml.domain.ope import sample_terms
 from oo_ml.domain.policies import Policy, estimates
-from oo_ml.domain.ports import AddOffPolicy, PutState, ReplaceDecision, Store, Write
+from oo_ml.domain.ports import AddOffPolicy, AttachShadows, PutState, Write
 from oo_ml.domain.rng import rng_for
+
+log = logging.getLogger(__name__)
+
+# Longest burst of shadow work the bucket allows, in seconds of loop time.
+_BURST_S = 0.05
+
+
+@dataclass
+class ShadowCounters:
+    offered: int = 0
+    scored: int = 0
+    dropped_full: int = 0
+    dropped_budget: int = 0
+    failures: int = 0
+
+    @property
+    def dropped(self) -> int:
+        return self.dropped_full + self.dropped_budget
 
 
 class Shadows:
@@ -28,21 +59,76 @@ class Shadows:
         policies: Mapping[str, Policy],
         names: Sequence[str],
         models: Models,
-        store: Store,
+        decisions: DecisionLog,
+        *,
+        queue_size: int = 10_000,
+        cpu_share: float = 0.1,
     ) -> None:
         self.policies = policies
         self.names = tuple(names)
         self.models = models
-        self.store = store
+        self.decisions = decisions
+        self.cpu_share = cpu_share
+        self.counters = ShadowCounters()
+        self._queue: asyncio.Queue[tuple[DecisionRecord, Assembled, tuple[Policy, ...]]] = (
+            asyncio.Queue(maxsize=queue_size)
+        )
+        self._tokens = _BURST_S
+        self._refilled = time.perf_counter()
+        self._worker: asyncio.Task[None] | None = None
 
-    def of(self, served: str) -> list[Policy]:
+    def of(self, served: str) -> tuple[Policy, ...]:
         """The shadows behind a served policy (every configured one but itself)."""
-        return [self.policies[s] for s in self.names if s != served]
+        return tuple(self.policies[s] for s in self.names if s != served)
+
+    def offer(self, record: DecisionRecord, assembled: Assembled) -> None:
+        """Queue a served decision for its shadows; never waits."""
+        shadows = self.of(record.policy)
+        if not shadows:
+            return
+        self.counters.offered += 1
+        try:
+            self._queue.put_nowait((record, assembled, shadows))
+        except asyncio.QueueFull:
+            self.counters.dropped_full += 1
+            return
+        if self._worker is None or self._worker.done():
+            self._worker = asyncio.get_running_loop().create_task(self._work(), name="oo-shadows")
+
+    async def _work(self) -> None:
+        while not self._queue.empty():
+            record, assembled, shadows = self._queue.get_nowait()
+            try:
+                if not self._spend():
+                    self.counters.dropped_budget += 1
+                    continue
+                started = time.perf_counter()
+                await self.score(record, assembled, shadows)
+                self._tokens -= time.perf_counter() - started
+                self.counters.scored += 1
+            except Exception:
+                self.counters.failures += 1
+                log.exception("shadow scoring of %s failed", record.decision_id)
+            finally:
+                self._queue.task_done()
+            # Score calls go first: one shadow decision at a time between them.
+            await asyncio.sleep(0)
+
+    def _spend(self) -> bool:
+        """Whether the bucket allows more shadow work now (refilled at cpu_share)."""
+        now = time.perf_counter()
+        self._tokens = min(_BURST_S, self._tokens + (now - self._refilled) * self.cpu_share)
+        self._refilled = now
+        return self._tokens > 0
+
+    async def drain(self) -> None:
+        """Until every queued decision is scored or dropped."""
+        await self._queue.join()
 
     async def score(
         self, record: DecisionRecord, assembled: Assembled, shadows: Sequence[Policy]
     ) -> None:
-        """Each shadow's view of a served decision, attached to its log entry."""
+        """Each shadow's view of a served decision, logged beside it."""
         arms = [c.arm for c in record.candidates]
         views = []
         vectors: dict[str, Vector] = {}
@@ -62,8 +148,7 @@ class Shadows:
                     estimates=tuple(estimates(state, x, arms).tolist()),
                 )
             )
-        updated = replace(record, shadows=tuple(views), shadow_vectors=vectors)
-        await self.store.commit([ReplaceDecision(updated)])
+        self.decisions.attach_shadows(AttachShadows(record.decision_id, tuple(views), vectors))
 
     async def reward_writes(self, record: DecisionRecord, reward: float) -> list[Write]:
         """The shadows' learning and off-policy samples for a rewarded decision."""

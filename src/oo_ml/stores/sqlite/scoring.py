@@ -12,12 +12,14 @@ import logging
 import sqlite3
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from oo_ml.domain.decisions import RewardState
 from oo_ml.domain.ports import (
     AddOffPolicy,
     ArmTotals,
+    AttachShadows,
     GenerationRecord,
     InsertDecision,
     MarkRewarded,
@@ -25,14 +27,20 @@ from oo_ml.domain.ports import (
     PolicyTotals,
     PromptTotals,
     PutState,
-    ReplaceDecision,
     StoredDecision,
     StoredState,
     Write,
 )
 from oo_ml.domain.state import PolicyState
 from oo_ml.errors import Conflict, UnreadableRecord
-from oo_ml.stores.codec import decode_decision, decode_state, encode_decision, encode_state
+from oo_ml.stores.codec import (
+    decode_decision,
+    decode_shadow_views,
+    decode_state,
+    encode_decision,
+    encode_shadow_views,
+    encode_state,
+)
 from oo_ml.stores.sqlite.db import SqliteDB
 
 log = logging.getLogger(__name__)
@@ -99,6 +107,21 @@ MIGRATIONS: list[str] = [
         data BLOB NOT NULL
     );
     """,
+    # Score writes no learned state: the pulls per arm are counted beside the log, and the
+    # shadows' views are stored beside their decision instead of rewriting it.
+    """
+    CREATE TABLE pulls (
+        user_id TEXT NOT NULL,
+        policy TEXT NOT NULL,
+        arm TEXT NOT NULL,
+        n INTEGER NOT NULL,
+        PRIMARY KEY (user_id, policy, arm)
+    ) WITHOUT ROWID;
+    CREATE TABLE decision_shadows (
+        decision_id TEXT PRIMARY KEY,
+        data BLOB NOT NULL
+    ) WITHOUT ROWID;
+    """,
 ]
 
 
@@ -137,10 +160,15 @@ def _apply(conn: sqlite3.Connection, w: Write, revisions: dict[tuple[str, str], 
                     encode_decision(r),
                 ),
             )
-        case ReplaceDecision(r):
             conn.execute(
-                "UPDATE decisions SET data = ? WHERE decision_id = ?",
-                (encode_decision(r), r.decision_id),
+                "INSERT INTO pulls (user_id, policy, arm, n) VALUES (?, ?, ?, 1)"
+                " ON CONFLICT (user_id, policy, arm) DO UPDATE SET n = n + 1",
+                (r.user_id, r.policy, r.chosen.arm),
+            )
+        case AttachShadows(decision_id, views, vectors):
+            conn.execute(
+                "INSERT OR REPLACE INTO decision_shadows (decision_id, data) VALUES (?, ?)",
+                (decision_id, encode_shadow_views(views, vectors)),
             )
         case MarkRewarded(decision_id, reward, at, source):
             cur = conn.execute(
@@ -206,12 +234,27 @@ class SqliteStore:
     async def get_decision(self, decision_id: str) -> StoredDecision | None:
         def q(conn: sqlite3.Connection) -> StoredDecision | None:
             row = conn.execute(
-                "SELECT data, reward, rewarded_at, reward_source FROM decisions WHERE decision_id = ?",
+                "SELECT d.data, d.reward, d.rewarded_at, d.reward_source, s.data FROM decisions d"
+                " LEFT JOIN decision_shadows s ON s.decision_id = d.decision_id"
+                " WHERE d.decision_id = ?",
                 (decision_id,),
             ).fetchone()
             if row is None:
                 return None
-            return StoredDecision(decode_decision(row[0]), RewardState(row[1], row[2], row[3]))
+            record = decode_decision(row[0])
+            if row[4] is not None:
+                views, vectors = decode_shadow_views(row[4])
+                record = replace(record, shadows=views, shadow_vectors=vectors)
+            return StoredDecision(record, RewardState(row[1], row[2], row[3]))
+
+        return await self.db.read(q)
+
+    async def pulls(self, user_id: str, policy: str) -> dict[str, int]:
+        def q(conn: sqlite3.Connection) -> dict[str, int]:
+            rows = conn.execute(
+                "SELECT arm, n FROM pulls WHERE user_id = ? AND policy = ?", (user_id, policy)
+            )
+            return {arm: int(n) for arm, n in rows}
 
         return await self.db.read(q)
 
@@ -229,6 +272,12 @@ class SqliteStore:
     async def reset_user(self, user_id: str) -> tuple[int, int]:
         def tx(conn: sqlite3.Connection) -> tuple[int, int]:
             states = conn.execute("DELETE FROM state WHERE user_id = ?", (user_id,)).rowcount
+            conn.execute("DELETE FROM pulls WHERE user_id = ?", (user_id,))
+            conn.execute(
+                "DELETE FROM decision_shadows WHERE decision_id IN (SELECT decision_id"
+                " FROM decisions WHERE user_id = ? AND reward IS NULL)",
+                (user_id,),
+            )
             pending = conn.execute(
                 "DELETE FROM decisions WHERE user_id = ? AND reward IS NULL", (user_id,)
             ).rowcount
@@ -263,6 +312,7 @@ class SqliteStore:
                 (reason[:500], time.time(), decision_id),
             )
             conn.execute("DELETE FROM decisions WHERE decision_id = ?", (decision_id,))
+            conn.execute("DELETE FROM decision_shadows WHERE decision_id = ?", (decision_id,))
 
         await self.db.run(tx)
 
@@ -324,6 +374,11 @@ class SqliteStore:
 
     async def prune_decisions(self, rewarded_before: float) -> int:
         def tx(conn: sqlite3.Connection) -> int:
+            conn.execute(
+                "DELETE FROM decision_shadows WHERE decision_id IN (SELECT decision_id"
+                " FROM decisions WHERE reward IS NOT NULL AND rewarded_at < ?)",
+                (rewarded_before,),
+            )
             n = conn.execute(
                 "DELETE FROM decisions WHERE reward IS NOT NULL AND rewarded_at < ?",
                 (rewarded_before,),
