@@ -191,98 +191,91 @@ def is_valid(msg: Message, max_items: dict[str, int] | None = None) -> bool:
 
 @cache
 def _compiled(descriptor: Any, limits: tuple[tuple[str, int], ...]) -> Check:
-    """One predicate for a message type: True when the message has no violation."""
-    checks = [_field_check(f, limits) for f in _plan(descriptor)]
+    """One predicate for a message type: True when the message has no violation.
 
-    def check(msg: Any) -> bool:
-        return all(c(msg) for c in checks)
-
+    Generated as straight-line Python from the plan (one `if` per rule, no path strings,
+    no generator per field): a valid ScoreRequest with ten candidates checks in a few
+    microseconds. Nested message types get predicates of their own."""
+    env: dict[str, Any] = {"isfinite": math.isfinite, "valid_tz": _valid_timezone}
+    lines = ["def check(m):"]
+    for i, field in enumerate(_plan(descriptor)):
+        lines += _field_lines(field, limits, f"f{i}", env)
+    lines.append("    return True")
+    exec("\n".join(lines), env)  # source built from descriptors, never from input
+    check: Check = env["check"]
     return check
 
 
-def _scalar_check(field: _Field) -> Callable[[Any], bool]:
-    """A predicate on one scalar value, from its rules and contract."""
+def _value_tests(field: _Field, v: str, env: dict[str, Any], key: str) -> list[str]:
+    """Conditions, each True for a bad value held in variable `v`."""
     rules, contract = field.rules, field.contract
-    tests: list[Callable[[Any], bool]] = []
+    out: list[str] = []
     if field.type == _STRING:
         if rules is not None:
-            lo, hi, tz = rules.min_len, rules.max_len, rules.timezone
-            if lo:
-                tests.append(lambda v: len(v) >= lo)
-            if hi:
-                tests.append(lambda v: len(v) <= hi)
-            if tz:
-                tests.append(lambda v: not v or _valid_timezone(v))
-    else:
-        floats = field.type in _FLOATS
-        if rules is not None:
-            lo_r, hi_r, finite = rules.min, rules.max, rules.finite
+            if rules.min_len:
+                out.append(f"len({v}) < {rules.min_len}")
+            if rules.max_len:
+                out.append(f"len({v}) > {rules.max_len}")
+            if rules.timezone:
+                out.append(f"({v} and not valid_tz({v}))")
+        return out
+    floats = field.type in _FLOATS
+    if rules is not None:
+        env[f"{key}_lo"], env[f"{key}_hi"] = rules.min, rules.max
+        bounds = []
+        if rules.min is not None:
+            bounds.append(f"{v} < {key}_lo")
+        if rules.max is not None:
+            bounds.append(f"{v} > {key}_hi")
+        if floats:
+            # A non-finite float fails only a `finite` rule; it skips min and max.
+            nonfinite = "True" if rules.finite else "False"
+            inner = " or ".join(bounds) or "False"
+            out.append(f"(({nonfinite}) if not isfinite({v}) else ({inner}))")
+        else:
+            out += bounds
+    if contract is not None:
+        env[f"{key}_cmin"], env[f"{key}_cmax"] = contract.min, contract.max
+        out.append(f"not ({key}_cmin <= {v} <= {key}_cmax)")  # NaN and infinities fail
+    return out
 
-            def ruled(v: Any) -> bool:
-                if floats and not math.isfinite(v):
-                    return not finite  # a non-finite float fails only a `finite` rule
-                return (lo_r is None or v >= lo_r) and (hi_r is None or v <= hi_r)
 
-            tests.append(ruled)
-        if contract is not None:
-            lo_c, hi_c = contract.min, contract.max
-            tests.append(lambda v: lo_c <= v <= hi_c)  # NaN and infinities fail too
-    if not tests:
-        return lambda v: True
-    if len(tests) == 1:
-        return tests[0]
-    return lambda v: all(t(v) for t in tests)
-
-
-def _field_check(field: _Field, limits: tuple[tuple[str, int], ...]) -> Callable[[Any], bool]:
+def _field_lines(
+    field: _Field, limits: tuple[tuple[str, int], ...], key: str, env: dict[str, Any]
+) -> list[str]:
     name, rules = field.name, field.rules
     required = rules is not None and rules.required
+    out: list[str] = []
     if field.repeated:
         limit = dict(limits).get(field.full_name, rules.max_items if rules else 0)
-        unique = rules.unique_by if rules is not None and field.type == _MESSAGE else ""
-        item: Callable[[Any], bool]
+        out.append(f"    items = m.{name}")
+        out.append("    n = len(items)")
+        if required:
+            out.append("    if n == 0: return False")
+        if limit:
+            out.append(f"    if n > {limit}: return False")
+        if rules is not None and rules.unique_by and field.type == _MESSAGE:
+            out.append(f"    if len({{i.{rules.unique_by} for i in items}}) != n: return False")
         if field.type == _MESSAGE:
-            item = _compiled(field.descriptor.message_type, limits)
+            env[key] = _compiled(field.descriptor.message_type, limits)
+            out.append(f"    for i in items:\n        if not {key}(i): return False")
         elif rules is not None:
-            item = _scalar_check(field)
-        else:
-            item = lambda v: True  # noqa: E731
-
-        def repeated(msg: Any) -> bool:
-            items = getattr(msg, name)
-            n = len(items)
-            if (required and n == 0) or (limit and n > limit):
-                return False
-            if unique and len({getattr(i, unique) for i in items}) != n:
-                return False
-            return all(item(i) for i in items)
-
-        return repeated
+            tests = _value_tests(field, "i", env, key)
+            if tests:
+                out.append(f"    for i in items:\n        if {' or '.join(tests)}: return False")
+        return out
     if field.type == _MESSAGE:
-        nested = _compiled(field.descriptor.message_type, limits)
-
-        def message(msg: Any) -> bool:
-            if not msg.HasField(name):
-                return not required
-            return nested(getattr(msg, name))
-
-        return message
-    value_ok = _scalar_check(field)
-    if field.presence and not required:
-
-        def optional(msg: Any) -> bool:
-            if not msg.HasField(name):
-                return True
-            return value_ok(getattr(msg, name))
-
-        return optional
-
-    def plain(msg: Any) -> bool:
-        v = getattr(msg, name)
-        if required and not v:
-            return False
-        if field.presence and not msg.HasField(name):
-            return True
-        return value_ok(v)
-
-    return plain
+        env[key] = _compiled(field.descriptor.message_type, limits)
+        out.append(f"    if m.HasField({name!r}):")
+        out.append(f"        if not {key}(m.{name}): return False")
+        if required:
+            out.append("    else: return False")
+        return out
+    tests = _value_tests(field, "v", env, key)
+    out.append(f"    v = m.{name}")
+    if required:
+        out.append("    if not v: return False")
+    if tests:
+        guard = f"m.HasField({name!r}) and " if field.presence else ""
+        out.append(f"    if {guard}({' or '.join(tests)}): return False")
+    return out
