@@ -114,3 +114,23 @@ def test_arms_beyond_the_cap_evict_the_least_used_outside_the_request() -> None:
     assert kept == sorted(sorted(ARMS, key=lambda a: -used[a])[:2])
     # The request's own arms are never evicted, even past the cap.
     assert len(state.with_arms([*ARMS, "x"], max_arms=2).arms) == 5
+
+
+def test_the_decision_rng_replays_and_is_uniform() -> None:
+    a, b = rng_for("d-1", "s"), rng_for("d-1", "s")
+    draws_a = [a.random() for _ in range(20)] + [a.integers(7) for _ in range(20)]
+    draws_b = [b.random() for _ in range(20)] + [b.integers(7) for _ in range(20)]
+    assert draws_a == draws_b  # the same id replays
+    assert [rng_for("d-2", "s").random() for _ in range(3)] != draws_a[:3]
+    assert rng_for("d-1", "other").random() != draws_a[0]  # the salt separates streams
+    # One draw per decision id, as the policies take them: uniform across ids.
+    first = np.array([rng_for(f"id-{i}").random() for i in range(20_000)])
+    assert abs(first.mean() - 0.5) < 0.01 and abs(first.var() - 1 / 12) < 0.005
+    counts = np.bincount([rng_for(f"id-{i}").integers(4) for i in range(20_000)], minlength=4)
+    assert counts.min() > 4_750 and counts.max() < 5_250  # 5,000 +- 3.5 sd
+    for size in (5, (256, 4)):  # hashed Box-Muller and the keyed Philox path
+        normals = np.concatenate(
+            [rng_for(f"n-{i}").standard_normal(size).ravel() for i in range(2_000)]
+        )
+        assert abs(normals.mean()) < 0.05 and abs(normals.std() - 1) < 0.05
+    assert np.array_equal(rng_for("x").standard_normal(5), rng_for("x").standard_normal(5))

@@ -24,6 +24,7 @@ import numpy.typing as npt
 
 from oo_ml.config import ScoringConfig
 from oo_ml.domain.features import FEATURE_VERSIONS, Vector
+from oo_ml.domain.rng import Random
 from oo_ml.domain.state import PolicyState
 
 _TIE = 1e-12
@@ -50,7 +51,7 @@ class Policy(Protocol):
     def deterministic(self) -> bool: ...
 
     def select(
-        self, state: PolicyState, x: Vector, arms: Sequence[str], rng: np.random.Generator
+        self, state: PolicyState, x: Vector, arms: Sequence[str], rng: Random
     ) -> Selection: ...
 
 
@@ -69,7 +70,7 @@ def _greedy(scores: npt.NDArray[np.float64]) -> npt.NDArray[np.intp]:
 
 
 def _argmax_with_ties(
-    scores: npt.NDArray[np.float64], rng: np.random.Generator
+    scores: npt.NDArray[np.float64], rng: Random
 ) -> tuple[int, npt.NDArray[np.float64]]:
     best = _greedy(scores)
     props = np.zeros(len(scores))
@@ -85,7 +86,7 @@ class EpsilonGreedy:
     deterministic: bool = False
 
     def select(
-        self, state: PolicyState, x: Vector, arms: Sequence[str], rng: np.random.Generator
+        self, state: PolicyState, x: Vector, arms: Sequence[str], rng: Random
     ) -> Selection:
         scores = estimates(state, x, arms)
         k = len(arms)
@@ -110,7 +111,7 @@ class LinUCB:
     deterministic: bool = True
 
     def select(
-        self, state: PolicyState, x: Vector, arms: Sequence[str], rng: np.random.Generator
+        self, state: PolicyState, x: Vector, arms: Sequence[str], rng: Random
     ) -> Selection:
         mean = estimates(state, x, arms)
         ucb = mean + self.alpha * widths(state, x, arms)
@@ -132,7 +133,7 @@ class LinearThompson:
     deterministic: bool = False
 
     def select(
-        self, state: PolicyState, x: Vector, arms: Sequence[str], rng: np.random.Generator
+        self, state: PolicyState, x: Vector, arms: Sequence[str], rng: Random
     ) -> Selection:
         mean = estimates(state, x, arms)
         # theta_a ~ N(A^-1 b, v^2 A^-1) gives x.theta_a ~ N(mean_a, v^2 x'A^-1 x): sampling the
@@ -158,7 +159,7 @@ class Uniform:
     deterministic: bool = False
 
     def select(
-        self, state: PolicyState, x: Vector, arms: Sequence[str], rng: np.random.Generator
+        self, state: PolicyState, x: Vector, arms: Sequence[str], rng: Random
     ) -> Selection:
         k = len(arms)
         return Selection(
