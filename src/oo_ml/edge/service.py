@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator, Callable, Mapping
-from typing import Any
 
 import grpc
 
 from oo.scoring.v1 import scoring_pb2, scoring_pb2_grpc
 from oo_ml.domain.engine import Candidate, ScoreCommand, ScoringEngine, StatsReport
-from oo_ml.domain.features import Assembled, Inputs
+from oo_ml.domain.features import Assembled, Inputs, Origin
 from oo_ml.domain.ports import GenerationRecord
 from oo_ml.generate.generator import Generation, Generator
 from oo_ml.schema.contracts import CONTEXT_FEATURES, PROFILE_FEATURES
@@ -24,26 +23,27 @@ from oo_ml.schema.validation import validate
 _CANDIDATES = scoring_pb2.ScoreRequest.DESCRIPTOR.fields_by_name["candidates"].full_name
 
 
+# Every contracted feature, absent until the request sets it (copied per request).
+_ABSENT: dict[str, float | None] = {c.name: None for c in (*CONTEXT_FEATURES, *PROFILE_FEATURES)}
+# The wire enum of each origin, looked up once, not by name per response.
+_ORIGIN = {o: scoring_pb2.FeatureOrigin.Value(f"FEATURE_ORIGIN_{o.name}") for o in Origin}
+
+
 def inputs_of(context: scoring_pb2.Context, profile: scoring_pb2.ProfileFeatures) -> Inputs:
     """The request's feature values; absent optional fields stay None."""
-    values: dict[str, float | None] = {}
-    # The feature names come from the descriptors, so they are not literals mypy can check.
-    for msg, contracts in ((context, CONTEXT_FEATURES), (profile, PROFILE_FEATURES)):
-        m: Any = msg
-        for c in contracts:
-            values[c.name] = float(getattr(m, c.name)) if m.HasField(c.name) else None
+    values = dict(_ABSENT)
+    # ListFields gives the set fields only: one call per message, no lookups by name.
+    for msg in (context, profile):
+        for field, value in msg.ListFields():
+            if field.name in values:
+                values[field.name] = float(value)
     return Inputs(values=values, timezone=context.timezone)
 
 
 def feature_values(assembled: Assembled) -> list[scoring_pb2.FeatureValue]:
+    origins = assembled.origins
     return [
-        scoring_pb2.FeatureValue(
-            name=name,
-            value=value,
-            origin=scoring_pb2.FeatureOrigin.Value(
-                f"FEATURE_ORIGIN_{assembled.origins[name].name}"
-            ),
-        )
+        scoring_pb2.FeatureValue(name=name, value=value, origin=_ORIGIN[origins[name]])
         for name, value in assembled.values.items()
     ]
 
