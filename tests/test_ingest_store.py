@@ -401,3 +401,21 @@ def test_subject_covers(pattern: str, subject: str, covers: bool) -> None:
 def test_backoff_schedule_fits_max_deliver() -> None:
     assert backoff_schedule(30, 5) == [30, 60, 120, 240]
     assert len(backoff_schedule(30, 2)) == 1
+
+
+async def test_cached_features_equal_the_store_and_ingest_refreshes_them(
+    profiles: SqliteProfileStore,
+) -> None:
+    uncached = SqliteProfileStore(profiles.db, WEEK, ALL_FEATURES, cache_s=0)
+    a = applier(profiles, Rewards(set()))
+    await a.apply([ev(viewed("v1", 1000, at=NOW - 60))])
+    first = await profiles.stored_features("u1", NOW)
+    misses = profiles.cache_misses
+    again = await profiles.stored_features("u1", NOW + 1)
+    assert profiles.cache_misses == misses and profiles.cache_hits >= 1  # from memory
+    assert again == first == await uncached.stored_features("u1", NOW + 1)
+    # A batch this process records drops its users' entries at once: no stale read.
+    await a.apply([ev(viewed("v2", 3000, at=NOW - 30))])
+    fresh = await profiles.stored_features("u1", NOW + 2)
+    assert fresh["mean_dwell_ms_30d"].value == 2000
+    assert fresh == await uncached.stored_features("u1", NOW + 2)

@@ -84,7 +84,12 @@ class App:
         tasks: TaskSource = NoTasks()
         ingest: Ingest | None = None
         if cfg.ingest.enabled:
-            profiles = SqliteProfileStore(store.db, cfg.ingest.dedupe_window_s, ALL_FEATURES)
+            profiles = SqliteProfileStore(
+                store.db,
+                cfg.ingest.dedupe_window_s,
+                ALL_FEATURES,
+                cache_s=cfg.scoring.feature_cache_s,
+            )
             features = tasks = profiles
             ingest = Ingest(cfg, profiles, self.health)
         self.engine = engine = ScoringEngine(cfg.scoring, store, features, ALL_FEATURES)

@@ -85,9 +85,7 @@ class EpsilonGreedy:
     epsilon: float
     deterministic: bool = False
 
-    def select(
-        self, state: PolicyState, x: Vector, arms: Sequence[str], rng: Random
-    ) -> Selection:
+    def select(self, state: PolicyState, x: Vector, arms: Sequence[str], rng: Random) -> Selection:
         scores = estimates(state, x, arms)
         k = len(arms)
         best = _greedy(scores)
@@ -110,9 +108,7 @@ class LinUCB:
     alpha: float
     deterministic: bool = True
 
-    def select(
-        self, state: PolicyState, x: Vector, arms: Sequence[str], rng: Random
-    ) -> Selection:
+    def select(self, state: PolicyState, x: Vector, arms: Sequence[str], rng: Random) -> Selection:
         mean = estimates(state, x, arms)
         ucb = mean + self.alpha * widths(state, x, arms)
         chosen, props = _argmax_with_ties(ucb, rng)
@@ -132,9 +128,7 @@ class LinearThompson:
     scale: float
     deterministic: bool = False
 
-    def select(
-        self, state: PolicyState, x: Vector, arms: Sequence[str], rng: Random
-    ) -> Selection:
+    def select(self, state: PolicyState, x: Vector, arms: Sequence[str], rng: Random) -> Selection:
         mean = estimates(state, x, arms)
         # theta_a ~ N(A^-1 b, v^2 A^-1) gives x.theta_a ~ N(mean_a, v^2 x'A^-1 x): sampling the
         # scalar is exact and needs no Cholesky factor.
@@ -158,9 +152,7 @@ class Uniform:
     feature_version: str
     deterministic: bool = False
 
-    def select(
-        self, state: PolicyState, x: Vector, arms: Sequence[str], rng: Random
-    ) -> Selection:
+    def select(self, state: PolicyState, x: Vector, arms: Sequence[str], rng: Random) -> Selection:
         k = len(arms)
         return Selection(
             chosen=int(rng.integers(k)),

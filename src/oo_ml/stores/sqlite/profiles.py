@@ -25,6 +25,8 @@ contract's TTL applies too. Hours are UTC: no event carries the user's time zone
 from __future__ import annotations
 
 import sqlite3
+import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
@@ -208,11 +210,35 @@ def _stored_features(conn: sqlite3.Connection, user_id: str, now: float) -> dict
     return out
 
 
+def _features_until(
+    conn: sqlite3.Connection, user_id: str, now: float
+) -> tuple[dict[str, StoredValue], float]:
+    """The features at `now`, and until when they hold without a new event: the end of
+    the UTC day (the 30-day window moves) or the next due time (a task turns overdue)."""
+    due = conn.execute(
+        "SELECT min(due_at) FROM ingest_tasks WHERE user_id = ? AND completed = 0"
+        " AND due_at >= ?",
+        (user_id, now),
+    ).fetchone()[0]
+    until = (day_of(now) + 1) * DAY_S
+    if due is not None:
+        until = min(until, due)
+    return _stored_features(conn, user_id, now), until
+
+
 class SqliteProfileStore:
     """The `ProfileStore` port over the ingest tables: FeatureStore and TaskSource for Score
     and Generate, and the batch writes of ingest's `effects`."""
 
-    def __init__(self, db: SqliteDB, dedupe_window_s: float, contracts: Contracts) -> None:
+    def __init__(
+        self,
+        db: SqliteDB,
+        dedupe_window_s: float,
+        contracts: Contracts,
+        *,
+        cache_s: float = 30.0,
+        cache_users: int = 100_000,
+    ) -> None:
         # The names are the proto contracts'; fail at start-up if a contract is renamed.
         if not contracts.keys() >= _NAMES:
             raise RuntimeError(f"features without a contract: {_NAMES - contracts.keys()}")
@@ -220,6 +246,17 @@ class SqliteProfileStore:
         self.dedupe_window_s = dedupe_window_s
         self._task_ttl_s = contracts[OPEN_TASKS].ttl_seconds
         self._ready = False
+        # The hot path reads a user's features from memory: entries live `cache_s` at most
+        # (and never across a UTC day, which moves the 30-day window), and the batches this
+        # process records drop the entries of their users at once.
+        self.cache_s = cache_s
+        self.cache_users = cache_users
+        # user -> (read at, monotonic; valid until, unix: a UTC day's end or the next due
+        # time, which would move the overdue count; the values)
+        self._cache: OrderedDict[str, tuple[float, float, dict[str, StoredValue]]] = OrderedDict()
+        self._invalidated_at: dict[str, float] = {}
+        self.cache_hits = 0
+        self.cache_misses = 0
 
     async def ensure_schema(self) -> None:
         if not self._ready:
@@ -236,7 +273,7 @@ class SqliteProfileStore:
     async def stored_features(
         self, user_id: str, now: float, timezone: str = ""
     ) -> dict[str, StoredValue]:
-        stored = await self._read(lambda conn: _stored_features(conn, user_id, now))
+        stored = dict(await self._utc_features(user_id, now))
         hour = stored.get(PREFERRED_HOUR)
         if hour is not None and timezone:
             # Completions are bucketed by UTC hour; the request's hour_of_day is local, and
@@ -244,6 +281,32 @@ class SqliteProfileStore:
             local = (hour.value * 60 + utc_offset_minutes(timezone, now)) // 60 % 24
             stored[PREFERRED_HOUR] = StoredValue(float(local), hour.updated_at)
         return stored
+
+    async def _utc_features(self, user_id: str, now: float) -> dict[str, StoredValue]:
+        entry = self._cache.get(user_id)
+        if entry is not None and now < entry[1] and time.monotonic() - entry[0] < self.cache_s:
+            self._cache.move_to_end(user_id)
+            self.cache_hits += 1
+            return entry[2]
+        self.cache_misses += 1
+        read_at = time.monotonic()
+        stored, until = await self._read(lambda conn: _features_until(conn, user_id, now))
+        if self.cache_s > 0 and self._invalidated_at.get(user_id, 0.0) < read_at:
+            self._cache[user_id] = (read_at, until, stored)
+            self._cache.move_to_end(user_id)
+            while len(self._cache) > self.cache_users:
+                self._cache.popitem(last=False)
+        return stored
+
+    def _invalidate(self, users: set[str]) -> None:
+        now = time.monotonic()
+        for u in users:
+            self._cache.pop(u, None)
+            self._invalidated_at[u] = now
+        if len(self._invalidated_at) > self.cache_users:
+            # Only reads that started before an invalidation need it; old marks can go.
+            cutoff = now - 60.0
+            self._invalidated_at = {u: t for u, t in self._invalidated_at.items() if t > cutoff}
 
     async def open_tasks(self, user_id: str, now: float, limit: int) -> list[TaskView]:
         """Open tasks, overdue first, then by due time and priority. Empty when the last
@@ -279,7 +342,11 @@ class SqliteProfileStore:
         """`record_events` in one durable transaction."""
         await self.ensure_schema()
         plan = plan_batch(events, now)
-        return await self.db.run(lambda conn: record_events(conn, events, now, plan))
+        try:
+            return await self.db.run(lambda conn: record_events(conn, events, now, plan))
+        finally:
+            # Even a failed commit may have been applied (a lost answer): forget, re-read.
+            self._invalidate({e.user_id for e in events})
 
     async def prune(self, now: float) -> int:
         """Forget event ids past the dedupe window and buckets past the 30-day window.
