@@ -454,6 +454,7 @@ async def test_score_keeps_serving_while_nats_is_away_and_ingest_resumes(harness
     await assert_eventually(down, 5)
     for _ in range(5):
         await harness.decide()
+
     # Score answered while NATS was away: once their decisions are committed, their serve
     # signals wait in the publisher's queue.
     async def queued() -> None:

@@ -123,7 +123,8 @@ async def test_new_users_start_from_the_population_prior(tmp_path: Path) -> None
         with_prior = await first_choices([f"new{i}" for i in range(200)])
         assert with_prior >= 0.6, f"new users' first choices hit the best arm {with_prior:.0%}"
         # A policy that has learned nothing has no prior: its new users choose at random.
-        engine.models.priors.clear()
+        for policy in list(engine.models.priors):
+            engine.models.set_prior(policy, None)
         without = await first_choices([f"cold{i}" for i in range(200)])
         assert without < with_prior
     finally:

@@ -56,13 +56,16 @@ class Policy(Protocol):
 
 
 def estimates(state: PolicyState, x: Vector, arms: Sequence[str]) -> npt.NDArray[np.float64]:
-    """Each arm's ridge estimate theta_a . x."""
-    return np.array([float(state.arms[a].theta @ x) for a in arms], dtype=np.float64)
+    """Each arm's ridge estimate theta_a . x: one matmul over the stacked arms."""
+    st = state.stacked()
+    return np.asarray(st.theta[st.rows(arms)] @ x, dtype=np.float64)
 
 
 def widths(state: PolicyState, x: Vector, arms: Sequence[str]) -> npt.NDArray[np.float64]:
     """Each arm's sqrt(x' A^-1 x): the confidence width of its estimate at x."""
-    return np.array([float(np.sqrt(max(x @ state.arms[a].a_inv @ x, 0.0))) for a in arms])
+    st = state.stacked()
+    quad = (st.a_inv[st.rows(arms)] @ x) @ x
+    return np.asarray(np.sqrt(np.maximum(quad, 0.0)), dtype=np.float64)
 
 
 def _greedy(scores: npt.NDArray[np.float64]) -> npt.NDArray[np.intp]:

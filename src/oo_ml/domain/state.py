@@ -8,10 +8,11 @@ failed compare-and-set never leaves a half-applied model in memory. Persisted fo
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
+import numpy.typing as npt
 
 from oo_ml.domain.features import Vector
 
@@ -72,6 +73,21 @@ class ArmModel:
 
 
 @dataclass(frozen=True, slots=True)
+class Stacked:
+    """A state's arms as arrays: row `index[arm]` of each."""
+
+    index: dict[str, int]
+    theta: Matrix  # (K, D)
+    a_inv: npt.NDArray[np.float64]  # (K, D, D)
+    rewarded: Vector  # (K,)
+    reward_sum: Vector  # (K,)
+
+    def rows(self, arms: Sequence[str]) -> npt.NDArray[np.intp]:
+        index = self.index
+        return np.fromiter((index[a] for a in arms), dtype=np.intp, count=len(arms))
+
+
+@dataclass(frozen=True, slots=True)
 class PolicyState:
     policy: str
     feature_version: str
@@ -80,6 +96,31 @@ class PolicyState:
     decisions: int = 0
     rewards: int = 0
     arms: dict[str, ArmModel] = field(default_factory=dict)
+    # Derived, never stored or compared: the arms stacked for vectorised scoring, built on
+    # first use. A state is a value (updates make new states), so this never goes stale.
+    _stacked: Stacked | None = field(default=None, init=False, repr=False, compare=False)
+
+    def stacked(self) -> Stacked:
+        """Every arm's theta and A^-1 as arrays, so scoring all candidates is one matmul."""
+        if self._stacked is None:
+            names = list(self.arms)
+            models = [self.arms[a] for a in names]
+            if models:
+                a_inv = np.stack([m.a_inv for m in models])
+                b = np.stack([m.b for m in models])
+            else:
+                a_inv = np.zeros((0, self.dim, self.dim))
+                b = np.zeros((0, self.dim))
+            stacked = Stacked(
+                index={a: i for i, a in enumerate(names)},
+                theta=np.einsum("kij,kj->ki", a_inv, b),
+                a_inv=a_inv,
+                rewarded=np.array([m.rewarded for m in models], dtype=np.float64),
+                reward_sum=np.array([m.reward_sum for m in models], dtype=np.float64),
+            )
+            object.__setattr__(self, "_stacked", stacked)  # a cache on a frozen value
+            return stacked
+        return self._stacked
 
     def with_arms(
         self, arms: list[str], prior: PolicyState | None = None, max_arms: int | None = None

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -44,7 +45,13 @@ class Models:
         # The population prior of each policy, refreshed by upkeep.
         self.priors: dict[str, PolicyState] = {}
         self.budget_bytes = int(config.state_cache_mb * 1024 * 1024)
-        self._cache: OrderedDict[tuple[str, str], tuple[int, PolicyState, int]] = OrderedDict()
+        # (user, policy) -> [revision, the stored model, its size, the scoring view]; the
+        # view is the model with the arms Score asked for added from the prior, kept so
+        # that a warm Score neither rebuilds arms nor re-stacks arrays. It is not what the
+        # store holds and is never written: rewards start from the stored model.
+        self._cache: OrderedDict[tuple[str, str], list[Any]] = OrderedDict()
+        # Bumped when a prior changes: views made from an older prior are rebuilt.
+        self._prior_generation = 0
         self.bytes = 0
         self.hits = 0
         self.misses = 0
@@ -78,6 +85,32 @@ class Models:
         self.put(user_id, policy.name, revision, state)
         return revision, state
 
+    async def for_scoring(self, user_id: str, policy: Policy, arms: Sequence[str]) -> PolicyState:
+        """The user's model with every arm of `arms` (new ones from the prior): what a
+        policy scores with. Warm, it is the cached view, stacked arrays included."""
+        revision, state = await self.load(user_id, policy)
+        entry = self._cache.get((user_id, policy.name))
+        if entry is not None and entry[3] is not None and entry[4] == self._prior_generation:
+            view: PolicyState = entry[3]
+            if all(a in view.arms for a in arms):
+                return view
+            state = view  # keep the arms added before
+        view = self.with_arms(state, policy.name, arms)
+        if entry is not None and entry[0] == revision:
+            entry[3], entry[4] = view, self._prior_generation
+            size = model_bytes(view)  # the view holds the stored arms and the added ones
+            self.bytes += size - entry[2]
+            entry[2] = size
+        return view
+
+    def set_prior(self, policy: str, prior: PolicyState | None) -> None:
+        """A new population prior (None: none); views built on the old one are rebuilt."""
+        if prior is None:
+            self.priors.pop(policy, None)
+        else:
+            self.priors[policy] = prior
+        self._prior_generation += 1
+
     def put(self, user_id: str, policy: str, revision: int, state: PolicyState) -> None:
         """Record the model the store now holds at `revision` (after a commit, or a read)."""
         key = (user_id, policy)
@@ -85,11 +118,11 @@ class Models:
         if old is not None:
             self.bytes -= old[2]
         size = model_bytes(state)
-        self._cache[key] = (revision, state, size)
+        self._cache[key] = [revision, state, size, None, 0]
         self.bytes += size
         while self.bytes > self.budget_bytes and self._cache:
-            _, (_, _, gone) = self._cache.popitem(last=False)
-            self.bytes -= gone
+            _, gone = self._cache.popitem(last=False)
+            self.bytes -= gone[2]
             self.evictions += 1
 
     def forget(self, user_id: str, policy: str) -> None:

@@ -146,8 +146,7 @@ class ScoringEngine:
         decision_id = self.decision_ids()
         # No lock and no write of learned state: a concurrent reward may land first or
         # after, and either way this decision is one a bandit could have made.
-        _, state = await self.models.load(cmd.user_id, policy)
-        state = self.models.with_arms(state, policy.name, arms)
+        state = await self.models.for_scoring(cmd.user_id, policy, arms)
         sel = policy.select(state, x, arms, rng_for(decision_id))
         record = DecisionRecord(
             decision_id=decision_id,

@@ -136,8 +136,7 @@ class Shadows:
             x = FEATURE_VERSIONS[shadow.feature_version].vectorise(assembled)
             if shadow.feature_version != record.feature_version:
                 vectors[shadow.feature_version] = x
-            _, state = await self.models.load(record.user_id, shadow)
-            state = self.models.with_arms(state, shadow.name, arms)
+            state = await self.models.for_scoring(record.user_id, shadow, arms)
             sel = shadow.select(state, x, arms, rng_for(record.decision_id, shadow.name))
             views.append(
                 ShadowView(

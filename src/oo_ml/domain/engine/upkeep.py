@@ -144,7 +144,7 @@ class Upkeep:
             if states:
                 prior = await asyncio.to_thread(self._prior_of, policy, states)
                 if prior is not None:
-                    self.models.priors[policy.name] = prior
+                    self.models.set_prior(policy.name, prior)
 
     def _prior_of(self, policy: Policy, states: list[PolicyState]) -> PolicyState | None:
         fv = FEATURE_VERSIONS[policy.feature_version]

@@ -216,8 +216,7 @@ def _features_until(
     """The features at `now`, and until when they hold without a new event: the end of
     the UTC day (the 30-day window moves) or the next due time (a task turns overdue)."""
     due = conn.execute(
-        "SELECT min(due_at) FROM ingest_tasks WHERE user_id = ? AND completed = 0"
-        " AND due_at >= ?",
+        "SELECT min(due_at) FROM ingest_tasks WHERE user_id = ? AND completed = 0 AND due_at >= ?",
         (user_id, now),
     ).fetchone()[0]
     until = (day_of(now) + 1) * DAY_S
