@@ -8,14 +8,15 @@ HTTP/1.1 + JSON for FastAPI), and its own CPU time is reported to show it is not
 bottleneck. Rounds are interleaved (echo, oo-ml, peer, echo, ...) and medians reported,
 so the ratios come from the same minutes on the same noisy machine.
 
-Parts (`--only`, comma-separated; all by default):
+Parts (`--only`, comma-separated; all but rss by default, `--with-rss` adds it):
   score    Score at 4 and 16 connections: echo, egreedy-v2, linucb, ingest on, two
            shadows (4 only), FastAPI peer
   reward   Reward (h2load: repeats, answered applied=false) and fresh Rewards (a grpc.aio
            client, 16 in flight, distinct decisions), and Stats, at 16 connections, with echo
   latency  Score p50/p99 at half of echo's max QPS (4 connections, rate-limited)
   profile  py-spy of oo-ml under Score load (SVG plus the top frames by own time)
-  rss      oo-ml's RSS with 100,000 users' state
+  rss      oo-ml's RSS with 100,000 users' state (filling them takes 3.5 min at the
+           current server's ~450 Score/s, hence behind a flag)
 
 Writes bench/results/latest.json and latest.md (or `--out NAME`) and prints the table.
 """
@@ -221,15 +222,22 @@ def _identity(b: bytes) -> bytes:
 
 
 async def _grpc_many(
-    addr: str, method: str, bodies: list[bytes], in_flight: int, deadline: float | None
+    addr: str,
+    method: str,
+    bodies: list[bytes],
+    in_flight: int,
+    deadline: float | None,
+    *,
+    latencies: list[float] | None = None,
 ) -> tuple[list[bytes | None], int, float]:
     """Send each body once, `in_flight` at a time, until done or past `deadline`.
 
     Returns the answers (None where not sent or failed), the number of failed calls and
-    the elapsed seconds.
+    the elapsed seconds; appends each OK call's latency (s) to `latencies` if given.
     """
     out: list[bytes | None] = [None] * len(bodies)
     failed = 0
+    lat = latencies if latencies is not None else []
     async with grpc.aio.insecure_channel(addr) as ch:
         call = ch.unary_unary(method, request_serializer=_identity, response_deserializer=_identity)
         await ch.channel_ready()
@@ -241,23 +249,32 @@ async def _grpc_many(
             for i in it:
                 if deadline is not None and time.perf_counter() >= deadline:
                     return
+                t = time.perf_counter()
                 try:
                     out[i] = await call(bodies[i], timeout=30)
                 except grpc.aio.AioRpcError:
                     failed += 1
+                    continue
+                lat.append(time.perf_counter() - t)
 
         await asyncio.gather(*(worker() for _ in range(in_flight)))
         return out, failed, time.perf_counter() - started
 
 
 def grpc_many(
-    addr: str, method: str, bodies: list[bytes], in_flight: int = 32, seconds: float | None = None
+    addr: str,
+    method: str,
+    bodies: list[bytes],
+    in_flight: int = 32,
+    seconds: float | None = None,
+    *,
+    latencies: list[float] | None = None,
 ) -> tuple[list[bytes | None], int, float]:
     """`_grpc_many` in its own event loop."""
 
     async def go() -> tuple[list[bytes | None], int, float]:
         deadline = None if seconds is None else time.perf_counter() + seconds
-        return await _grpc_many(addr, method, bodies, in_flight, deadline)
+        return await _grpc_many(addr, method, bodies, in_flight, deadline, latencies=latencies)
 
     return asyncio.run(go())
 
@@ -289,25 +306,30 @@ def http_post(addr: str, path: str, body: bytes) -> tuple[int, bytes]:
 
 
 def warm_fastapi(server: Server, users: range) -> None:
-    """One Score per user through httpx (32 in flight), so every model exists."""
-    import httpx
+    """One Score per user (so every model exists): 32 keep-alive HTTP/1.1 connections."""
+    host, port = server.addr.rsplit(":", 1)
 
     async def go() -> int:
         bad = 0
         it = iter(users)
-        async with httpx.AsyncClient(base_url=f"http://{server.addr}") as client:
 
-            async def worker() -> None:
-                nonlocal bad
-                for i in it:
-                    r = await client.post(
-                        "/score",
-                        content=score_json(i),
-                        headers={"content-type": "application/json"},
-                    )
-                    bad += r.status_code != 200
+        async def worker() -> None:
+            nonlocal bad
+            reader, writer = await asyncio.open_connection(host, int(port))
+            for i in it:
+                body = score_json(i)
+                writer.write(
+                    b"POST /score HTTP/1.1\r\nhost: bench\r\ncontent-type: application/json"
+                    b"\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
+                )
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = re.search(rb"(?i)content-length: *(\d+)", head)
+                await reader.readexactly(int(length.group(1)) if length else 0)
+                bad += not head.startswith(b"HTTP/1.1 200")
+            writer.close()
+            await writer.wait_closed()
 
-            await asyncio.gather(*(worker() for _ in range(32)))
+        await asyncio.gather(*(worker() for _ in range(32)))
         return bad
 
     t = time.perf_counter()
@@ -342,6 +364,14 @@ class Measurement:
     distinct_bodies: int = 0
     errors: int = 0
     rate_limit_qps: float | None = None
+    other_cores: float = 0.0  # machine CPU used by anything but this server and its loadgen
+
+
+def machine_busy_s() -> float:
+    """CPU seconds the whole machine has spent busy (all cores), from /proc/stat."""
+    ticks = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = ticks[3] + ticks[4]  # idle + iowait
+    return (sum(ticks[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
 class Users:
@@ -438,9 +468,9 @@ class Bench:
             f"{server.kind} {'h1' if h1 else 'grpc'}{' rps' if rps else ''}",
             h2load.example_command(slots[0][0], self.ns.seconds / segs),
         )
-        cpu0 = server.cpu_s()
+        cpu0, busy0 = server.cpu_s(), machine_busy_s()
         r = h2load.run(slots, self.ns.seconds, self.h2load)
-        cpu = server.cpu_s() - cpu0
+        cpu, busy = server.cpu_s() - cpu0, machine_busy_s() - busy0
         m = Measurement(
             scenario=scenario,
             target=target,
@@ -459,6 +489,7 @@ class Bench:
             loadgen="h2load",
             loadgen_cpu_s=r.h2load_cpu_s,
             loadgen_cpu_us_per_req=1e6 * r.h2load_cpu_s / r.ok_2xx if r.ok_2xx else 0.0,
+            other_cores=max(0.0, busy - cpu - r.h2load_cpu_s) / r.wall_s,
             distinct_bodies=len(set(bodies)),
             rate_limit_qps=rps_total,
         )
@@ -480,13 +511,15 @@ class Bench:
     def fresh_rewards(self, server: Server, rnd: int, ids: list[str]) -> Measurement:
         """Rewards to decisions never rewarded before: grpc.aio client, 16 in flight."""
         bodies = [reward_request(d, i) for i, d in enumerate(ids)]
-        cpu0 = server.cpu_s()
+        cpu0, busy0 = server.cpu_s(), machine_busy_s()
         ru0 = time.process_time()
+        lat: list[float] = []
         answers, failed, took = grpc_many(
-            server.addr, SERVICE + "Reward", bodies, 16, self.ns.seconds
+            server.addr, SERVICE + "Reward", bodies, 16, self.ns.seconds, latencies=lat
         )
+        lat_us = [int(x * 1e6) for x in lat]
         client_cpu = time.process_time() - ru0
-        cpu = server.cpu_s() - cpu0
+        cpu, busy = server.cpu_s() - cpu0, machine_busy_s() - busy0
         sent = [a for a in answers if a is not None]
         applied = sum(pb.RewardResponse.FromString(a).applied for a in sent)
         m = Measurement(
@@ -495,10 +528,10 @@ class Bench:
             connections=16,
             round=rnd,
             qps=len(sent) / took if took else 0.0,
-            p50_ms=0.0,
-            p90_ms=0.0,
-            p99_ms=0.0,
-            max_ms=0.0,
+            p50_ms=h2load.percentile(lat_us, 0.50) / 1000,
+            p90_ms=h2load.percentile(lat_us, 0.90) / 1000,
+            p99_ms=h2load.percentile(lat_us, 0.99) / 1000,
+            max_ms=h2load.percentile(lat_us, 1.0) / 1000,
             requests=len(sent),
             non_2xx=0,
             failed=0,
@@ -507,6 +540,7 @@ class Bench:
             loadgen="python grpc.aio, 16 in flight",
             loadgen_cpu_s=client_cpu,
             loadgen_cpu_us_per_req=1e6 * client_cpu / len(sent) if sent else 0.0,
+            other_cores=max(0.0, busy - cpu - client_cpu) / took if took else 0.0,
             distinct_bodies=len(sent),
             errors=failed + (len(sent) - applied),  # a fresh reward must apply
         )
@@ -714,6 +748,7 @@ def median_of(
         "p99_ms": statistics.median(m.p99_ms for m in xs),
         "server_cpu_ms_per_req": statistics.median(m.server_cpu_ms_per_req for m in xs),
         "loadgen_cpu_us_per_req": statistics.median(m.loadgen_cpu_us_per_req for m in xs),
+        "other_cores": statistics.median(m.other_cores for m in xs),
         "loadgen_cores": statistics.median(
             m.loadgen_cpu_s / m.wall_s if m.wall_s else 0.0 for m in xs
         ),
@@ -848,9 +883,9 @@ def render(report: dict[str, Any]) -> str:
         " main server) before measuring.",
         "",
         "| scenario | conns | target | QPS | × echo | × FastAPI | p50 ms | p99 ms"
-        " | server CPU ms/req | loadgen CPU µs/req | loadgen cores | non-2xx/failed/errors"
-        " | distinct users |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        " | server CPU ms/req | loadgen CPU µs/req | loadgen cores | other cores"
+        " | non-2xx/failed/errors | distinct users |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["summary"]["rows"]:
         lines.append(
@@ -858,8 +893,27 @@ def render(report: dict[str, Any]) -> str:
             f" | {fmt(r['vs_echo'])} | {fmt(r['vs_fastapi'])} | {fmt(r['p50_ms'])}"
             f" | {fmt(r['p99_ms'])} | {r['server_cpu_ms_per_req']:.3f}"
             f" | {r['loadgen_cpu_us_per_req']:.1f} | {r['loadgen_cores']:.2f}"
-            f" | {r['non_2xx']}/{r['failed']}/{r['errors']} | {r['distinct_bodies']} |"
+            f" | {r['other_cores']:.2f} | {r['non_2xx']}/{r['failed']}/{r['errors']} | {r['distinct_bodies']} |"
         )
+    lines += [
+        "",
+        "Columns: QPS counts 2xx answers over the wall time of the measurement (the fresh-reward"
+        " row counts OK calls of its Python client). × echo and × FastAPI divide medians of the"
+        " same scenario and connection count. server CPU is the measured process's utime+stime"
+        " per answer (/proc/PID/stat); loadgen CPU is h2load's (RUSAGE_CHILDREN) per answer,"
+        " and loadgen cores that over wall time; other cores is everything else the machine"
+        " ran meanwhile (the idle servers of this bench and any other tenant: noise)."
+        " non-2xx and failed come from h2load; errors are gRPC errors seen by the Python"
+        " client, and fresh rewards that did not apply. distinct users is the number of"
+        " distinct request bodies (users, decisions) measured, over all rounds; each body is"
+        " checked OK with a real gRPC call (or HTTP 200 for FastAPI) before it is measured.",
+        "",
+        "Reward through h2load repeats one decision id per h2load process: the first call"
+        " (the validation call) applies it, every later one answers applied=false, which still"
+        " runs the Reward path (a read and the once-only check) but not the model update."
+        " Fresh rewards (distinct, never-rewarded decisions from the warm-up) are measured by"
+        " a grpc.aio client with 16 calls in flight; that client may be the bottleneck.",
+    ]
     lines += [
         "",
         "## Targets",
@@ -882,6 +936,9 @@ def render(report: dict[str, Any]) -> str:
             f"Files: {', '.join(report['extra'].get('profile_files', []))}. Commands:",
             "",
             *[f"    {c}" for c in report["extra"].get("profile_commands", [])],
+            "",
+            "py-spy samples every thread: `EpollSelector.select`, `Condition.wait` and"
+            " `Thread.run` are threads waiting (the event loop idle, workers parked), not work.",
             "",
             "| own % | samples | frame |",
             "|---|---|---|",
@@ -942,7 +999,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--only", default=",".join(ALL_PARTS), help="comma-separated parts")
+    ap.add_argument(
+        "--only",
+        default=",".join(p for p in ALL_PARTS if p != "rss"),
+        help=f"comma-separated parts of: {', '.join(ALL_PARTS)}",
+    )
+    ap.add_argument("--with-rss", action="store_true", help="add the rss part")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seconds", type=float, default=5.0, help="per measurement")
     ap.add_argument("--segment-s", type=float, default=1.0, help="h2load run per body")
@@ -952,11 +1014,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--out", default="latest", help="bench/results/OUT.json and OUT.md")
     ns = ap.parse_args(argv)
     parts = [p.strip() for p in ns.only.split(",") if p.strip()]
+    if ns.with_rss and "rss" not in parts:
+        parts.append("rss")
     unknown = set(parts) - set(ALL_PARTS)
     if unknown:
         ap.error(f"unknown parts: {sorted(unknown)} (known: {', '.join(ALL_PARTS)})")
     started = time.time()
     load_before = Path("/proc/loadavg").read_text().split()[:3]
+    commit = git("rev-parse", "--short", "HEAD")  # what runs: read before the run, not after
+    dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
     b = Bench(ns)
     with running(b):
         for p in ALL_PARTS:
@@ -969,8 +1035,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ).stdout.strip()
     report = {
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "commit": git("rev-parse", "--short", "HEAD"),
-        "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+        "commit": commit,
+        "dirty": dirty,
         "cpu_model": cpu_model(),
         "cpus": os.cpu_count(),
         "python": platform.python_version(),
