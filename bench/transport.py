@@ -33,6 +33,7 @@ import os
 import platform
 import re
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
@@ -124,7 +125,23 @@ class Server:
     addr: str
     kind: str  # "oo-ml", "echo" or "fastapi"
     data_dir: tempfile.TemporaryDirectory[str] | None = None
+    log: Any = None  # the server's stderr, a temporary file
     decisions: list[str] = field(default_factory=list)
+
+    def check_alive(self) -> None:
+        """Stop the bench with the server's last words if it exited (or was killed)."""
+        code = self.proc.poll()
+        if code is None:
+            return
+        tail = ""
+        if self.log is not None:
+            self.log.seek(0, os.SEEK_END)
+            self.log.seek(max(0, self.log.tell() - 2000))
+            tail = self.log.read().decode(errors="replace")
+        raise SystemExit(
+            f"{self.name} (pid {self.pid}) exited with {code}"
+            f"{' (stopped from outside the bench?)' if code <= 0 else ''}; stderr tail:\n{tail}"
+        )
 
     @property
     def pid(self) -> int:
@@ -152,6 +169,8 @@ class Server:
                 self.proc.wait()
         if self.data_dir is not None:
             self.data_dir.cleanup()
+        if self.log is not None:
+            self.log.close()
 
 
 def start(name: str, kind: str, args: list[str], env: dict[str, str] | None = None) -> Server:
@@ -161,10 +180,11 @@ def start(name: str, kind: str, args: list[str], env: dict[str, str] | None = No
         data = tempfile.TemporaryDirectory(prefix="oo-ml-bench-")
         args = [*args, "--data-dir", data.name]
     print(f"  starting {name}: {shlex.join(args)}", flush=True)
+    log = tempfile.TemporaryFile()  # noqa: SIM115  # lives as long as the server; closed in stop()
     proc = subprocess.Popen(
         args,
         stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
+        stderr=log,
         text=True,
         env={**os.environ, **(env or {})},
         cwd=ROOT,
@@ -174,8 +194,10 @@ def start(name: str, kind: str, args: list[str], env: dict[str, str] | None = No
     m = re.search(r"listening on ([\w.\-]+:\d+)", line)
     if not m:
         proc.kill()
-        raise SystemExit(f"{name} did not start: {line!r}")
-    return Server(name, proc, m.group(1), kind, data)
+        proc.wait()
+        log.seek(0)
+        raise SystemExit(f"{name} did not start: {line!r}\n{log.read().decode()[-2000:]}")
+    return Server(name, proc, m.group(1), kind, data, log)
 
 
 def oo_ml_env(shadows: str = "") -> dict[str, str]:
@@ -240,7 +262,7 @@ async def _grpc_many(
     lat = latencies if latencies is not None else []
     async with grpc.aio.insecure_channel(addr) as ch:
         call = ch.unary_unary(method, request_serializer=_identity, response_deserializer=_identity)
-        await ch.channel_ready()
+        await asyncio.wait_for(ch.channel_ready(), 15)
         it = iter(range(len(bodies)))
         started = time.perf_counter()
 
@@ -284,6 +306,7 @@ def warm_oo_ml(server: Server, users: range, policies: list[str]) -> None:
     for policy in policies:
         bodies = [score_request(i, policy) for i in users]
         answers, bad, took = grpc_many(server.addr, SERVICE + "Score", bodies, 32)
+        server.check_alive()
         if bad:
             raise SystemExit(f"{server.name}: {bad} warm-up Scores failed")
         server.decisions += [pb.ScoreResponse.FromString(a).decision_id for a in answers if a]
@@ -389,6 +412,7 @@ class Users:
 def validate_grpc(server: Server, method: str, bodies: list[bytes]) -> None:
     """Each body answered OK by a real gRPC call; h2load alone cannot see grpc-status."""
     _, bad, _ = grpc_many(server.addr, method, bodies, 8)
+    server.check_alive()
     if bad:
         raise SystemExit(f"{server.name}: {bad} of {len(bodies)} bodies fail on {method}")
 
@@ -441,6 +465,7 @@ class Bench:
         rps_total: float | None = None,
     ) -> Measurement:
         """h2load with `connections` processes × 1 connection, each rotating its users."""
+        server.check_alive()
         segs = max(1, math.ceil(self.ns.seconds / self.ns.segment_s))
         users = self.users[user_pool].take(connections * segs)
         bodies = [make_body(u) for u in users]
@@ -471,6 +496,7 @@ class Bench:
         cpu0, busy0 = server.cpu_s(), machine_busy_s()
         r = h2load.run(slots, self.ns.seconds, self.h2load)
         cpu, busy = server.cpu_s() - cpu0, machine_busy_s() - busy0
+        server.check_alive()
         m = Measurement(
             scenario=scenario,
             target=target,
@@ -510,6 +536,7 @@ class Bench:
 
     def fresh_rewards(self, server: Server, rnd: int, ids: list[str]) -> Measurement:
         """Rewards to decisions never rewarded before: grpc.aio client, 16 in flight."""
+        server.check_alive()
         bodies = [reward_request(d, i) for i, d in enumerate(ids)]
         cpu0, busy0 = server.cpu_s(), machine_busy_s()
         ru0 = time.process_time()
@@ -1019,6 +1046,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     unknown = set(parts) - set(ALL_PARTS)
     if unknown:
         ap.error(f"unknown parts: {sorted(unknown)} (known: {', '.join(ALL_PARTS)})")
+    # A plain SIGTERM would skip the cleanup below and leave the servers running.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     started = time.time()
     load_before = Path("/proc/loadavg").read_text().split()[:3]
     commit = git("rev-parse", "--short", "HEAD")  # what runs: read before the run, not after
