@@ -118,6 +118,14 @@ def stats_request(i: int) -> bytes:
 # ---------------------------------------------------------------- servers
 
 
+class ServerGone(Exception):
+    """A server exited cleanly or by a signal while the bench needed it: stopped from outside."""
+
+    def __init__(self, name: str, message: str) -> None:
+        super().__init__(message)
+        self.name = name
+
+
 @dataclass
 class Server:
     name: str
@@ -138,10 +146,10 @@ class Server:
             self.log.seek(0, os.SEEK_END)
             self.log.seek(max(0, self.log.tell() - 2000))
             tail = self.log.read().decode(errors="replace")
-        raise SystemExit(
-            f"{self.name} (pid {self.pid}) exited with {code}"
-            f"{' (stopped from outside the bench?)' if code <= 0 else ''}; stderr tail:\n{tail}"
-        )
+        message = f"{self.name} (pid {self.pid}) exited with {code}; stderr tail:\n{tail}"
+        if code <= 0:  # a clean exit (oo-ml drains on SIGTERM) or a signal: not a crash
+            raise ServerGone(self.name, message)
+        raise SystemExit(message)
 
     @property
     def pid(self) -> int:
@@ -230,6 +238,11 @@ class Servers:
         self.commands[name] = f"{envs}{shlex.join(args)}{data}"
         self._started[name] = server
         return server
+
+    def drop(self, name: str) -> None:
+        server = self._started.pop(name, None)
+        if server is not None:
+            server.stop()
 
     def stop_all(self) -> None:
         for s in self._started.values():
@@ -494,7 +507,11 @@ class Bench:
             h2load.example_command(slots[0][0], self.ns.seconds / segs),
         )
         cpu0, busy0 = server.cpu_s(), machine_busy_s()
-        r = h2load.run(slots, self.ns.seconds, self.h2load)
+        try:
+            r = h2load.run(slots, self.ns.seconds, self.h2load)
+        except RuntimeError:
+            server.check_alive()
+            raise
         cpu, busy = server.cpu_s() - cpu0, machine_busy_s() - busy0
         server.check_alive()
         m = Measurement(
@@ -576,40 +593,69 @@ class Bench:
 
     # -- parts
 
+    def attempt(self, what: str, fn: Callable[[], None]) -> None:
+        """Run `fn`; if a server was stopped from outside meanwhile, restart it and redo `fn`.
+
+        Another process on a shared machine may stop servers it did not start. The
+        measurements `fn` recorded before that are dropped and the redo is noted.
+        """
+        for tries in range(3):
+            mark = len(self.measurements)
+            try:
+                fn()
+                return
+            except ServerGone as e:
+                del self.measurements[mark:]
+                note = (
+                    f"{e.name} was stopped from outside the bench during {what}"
+                    f" at {dt.datetime.now(dt.UTC):%H:%M:%S} UTC; restarted, re-warmed, redone"
+                )
+                print(f"  ! {note}\n{e}", flush=True)
+                self.extra["notes"].append(note)
+                self.servers.drop(e.name)
+                self.warmed.discard(e.name)
+                if tries == 2:
+                    raise SystemExit(f"giving up: {e}") from e
+
     def part_score(self) -> None:
         targets4 = ["echo", "oo-ml", "oo-ml linucb", "oo-ml ingest", "oo-ml shadows", "fastapi"]
         targets16 = [t for t in targets4 if t != "oo-ml shadows"]
-        for conns, targets in ((4, targets4), (16, targets16)):
-            for t in targets:  # start and warm before the first round
+
+        def warm(targets: list[str]) -> None:
+            for t in targets:
                 self.server(t.replace(" linucb", ""))
+
+        def one_round(conns: int, rnd: int, targets: list[str]) -> None:
+            for t in targets:
+                s = self.server(t.replace(" linucb", ""))
+                policy = "linucb" if "linucb" in t else SERVED
+                json_peer = s.kind == "fastapi"
+                self.measure(
+                    "score",
+                    t,
+                    s,
+                    connections=conns,
+                    rnd=rnd,
+                    make_body=score_json if json_peer else partial(score_request, policy=policy),
+                    path="/score" if json_peer else "Score",
+                )
+
+        for conns, targets in ((4, targets4), (16, targets16)):
+            self.attempt("warm-up", partial(warm, targets))  # all warm before the first round
             for rnd in range(self.ns.rounds):
-                for t in targets:
-                    s = self.server(t.replace(" linucb", ""))
-                    policy = "linucb" if "linucb" in t else SERVED
-                    json_peer = s.kind == "fastapi"
-                    self.measure(
-                        "score",
-                        t,
-                        s,
-                        connections=conns,
-                        rnd=rnd,
-                        make_body=score_json
-                        if json_peer
-                        else partial(score_request, policy=policy),
-                        path="/score" if json_peer else "Score",
-                    )
+                self.attempt(f"score round {rnd}", partial(one_round, conns, rnd, targets))
 
     def part_reward(self) -> None:
-        echo, oo = self.server("echo"), self.server("oo-ml")
-        ids = oo.decisions
-        n_repeat = min(2000, len(ids) // 4)
-        repeat_ids = ids[:n_repeat]
-        fresh_per_round = (len(ids) - n_repeat) // self.ns.rounds
+        def one_round(rnd: int) -> None:
+            echo, oo = self.server("echo"), self.server("oo-ml")
+            ids = oo.decisions  # from this server's warm-up (a restarted one has new ones)
+            n_repeat = min(2000, len(ids) // 4)
+            fresh_per_round = (len(ids) - n_repeat) // self.ns.rounds
+            self.extra["fresh_reward_ids_per_round"] = fresh_per_round
 
-        def repeat(i: int) -> bytes:
-            return reward_request(repeat_ids[i % n_repeat], i)
+            def repeat(i: int) -> bytes:
+                return reward_request(ids[i % n_repeat], i)
 
-        for rnd in range(self.ns.rounds):
             for t, s in (("echo", echo), ("oo-ml (h2load, repeat)", oo)):
                 self.measure(
                     "reward",
@@ -634,7 +680,9 @@ class Bench:
                     path="Stats",
                     user_pool="stats",
                 )
-        self.extra["fresh_reward_ids_per_round"] = fresh_per_round
+
+        for rnd in range(self.ns.rounds):
+            self.attempt(f"reward round {rnd}", partial(one_round, rnd))
 
     def echo_max_qps_4(self) -> float:
         """Median echo QPS at 4 connections, from the score part or measured now."""
@@ -661,9 +709,9 @@ class Bench:
     def part_latency(self) -> None:
         rate = self.echo_max_qps_4() / 2
         self.extra["half_echo_qps"] = rate
-        echo, oo = self.server("echo"), self.server("oo-ml")
-        for rnd in range(self.ns.rounds):
-            for s in (echo, oo):
+
+        def one_round(rnd: int) -> None:
+            for s in (self.server("echo"), self.server("oo-ml")):
                 self.measure(
                     "latency@half",
                     s.name,
@@ -676,7 +724,13 @@ class Bench:
                     rps_total=rate,
                 )
 
+        for rnd in range(self.ns.rounds):
+            self.attempt(f"latency round {rnd}", partial(one_round, rnd))
+
     def part_profile(self) -> None:
+        self.attempt("profile", self._profile)
+
+    def _profile(self) -> None:
         oo = self.server("oo-ml")
         RESULTS.mkdir(parents=True, exist_ok=True)
         svg = RESULTS / "score-profile.svg"
@@ -711,6 +765,7 @@ class Bench:
         ]
         errs = [p.communicate()[1] for p in spies]
         load.join()
+        oo.check_alive()
         if not raw.exists():
             self.extra["notes"].append(f"py-spy failed: {errs[1][-500:]}")
             return
@@ -718,6 +773,9 @@ class Bench:
         self.extra["profile_files"] = [str(p.relative_to(ROOT)) for p in (svg, raw) if p.exists()]
 
     def part_rss(self) -> None:
+        self.attempt("rss", self._rss)
+
+    def _rss(self) -> None:
         oo = self.server("oo-ml")
         before = oo.rss_mb()
         extra = range(self.ns.users, self.ns.rss_users)
@@ -727,6 +785,7 @@ class Bench:
             _, bad, _ = grpc_many(
                 oo.addr, SERVICE + "Score", [score_request(i, SERVED) for i in users], 64
             )
+            oo.check_alive()
             if bad:
                 raise SystemExit("rss: some Scores failed")
         took = time.perf_counter() - t
