@@ -47,8 +47,17 @@ image: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
-bench: $(STAMP)
-	$(BIN)/python -m bench $(BENCH_ARGS)
+# The bench extra (FastAPI peer, uvicorn, py-spy) has its own stamp; h2load comes from apt.
+BENCH_STAMP := $(VENV)/.installed-bench
+
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
+	touch $(BENCH_STAMP)
+
+# Issue 10, item 7: oo-ml vs a grpc.aio echo vs a FastAPI peer, one run (~10 min).
+# `make bench BENCH_ARGS='--only score,rss'` runs some parts; `python -m bench PART` the others.
+bench: $(BENCH_STAMP)
+	$(BIN)/python -m bench.transport $(BENCH_ARGS)
 
 run: $(STAMP)
 	$(BIN)/oo-ml serve --host $(HOST) --port $(PORT) --data-dir $(DATA_DIR)

@@ -1,4 +1,8 @@
-"""Run benchmark parts: `python -m bench [score|generate|ingest|codec ...]` (all by default)."""
+"""Run benchmark parts: `python -m bench [transport|score|generate|ingest|codec ...]` (all by default).
+
+`transport` (bench/transport.py, what `make bench` runs) takes its own options when run as
+`python -m bench.transport`; here it runs with its defaults.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import importlib
 import sys
 
 PARTS = {
+    "transport": "bench.transport",
     "score": "bench.score",
     "generate": "bench.generate_isolation",
     "ingest": "bench.ingest",
