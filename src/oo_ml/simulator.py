@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import numpy.typing as npt
@@ -163,6 +163,9 @@ class World:
     """(rounds, users, K): reward probability of each arm."""
     draws: FloatArray
     """(rounds, users, K): the uniform draw deciding each arm's reward (reward = draw < p)."""
+    profile: Mapping[str, FloatArray] = field(default_factory=dict)
+    """Per-user profile values, (users,) each: `evening` (1.0 or 0.0), `preferred_hour`,
+    `completion`, `load`, `overdue_rate`. For grouping users into personas in reports."""
 
     @property
     def best(self) -> IntArray:
@@ -239,7 +242,14 @@ def make_world(config: SimulationConfig) -> World:
             assembled = assemble(Inputs(values), {}, now=0.0)
             for v, fv in FEATURE_VERSIONS.items():
                 xs[v][r, u] = fv.vectorise(assembled)
-    return World(config=config, joined=joined, x=xs, p=p, draws=draws)
+    profile = {
+        "evening": evening.astype(np.float64),
+        "preferred_hour": preferred,
+        "completion": completion,
+        "load": load,
+        "overdue_rate": overdue_rate,
+    }
+    return World(config=config, joined=joined, x=xs, p=p, draws=draws, profile=profile)
 
 
 # -- running policies --------------------------------------------------------------------
