@@ -31,15 +31,16 @@ class ArmModel:
     reward_sum: float = 0.0
 
     @staticmethod
-    def fresh(dim: int, ridge_lambda: float, prior_theta: Vector | None = None) -> ArmModel:
-        # A = lambda*I and b = lambda*theta0 make the ridge estimate shrink toward the
-        # population's theta0 instead of toward zero: theta = (lambda*I + X'X)^-1 (lambda*theta0 + X'r).
-        b = (
-            np.zeros(dim)
-            if prior_theta is None
-            else ridge_lambda * np.asarray(prior_theta, dtype=np.float64)
-        )
-        return ArmModel(a_inv=np.eye(dim) / ridge_lambda, b=b)
+    def fresh(
+        dim: int, ridge_lambda: float, prior_theta: Vector | None = None, prior_weight: float = 0.0
+    ) -> ArmModel:
+        # A = c*I and b = c*theta0 (c = lambda + prior_weight) make the ridge estimate shrink
+        # toward the population's theta0 instead of toward zero:
+        # theta = (c*I + X'X)^-1 (c*theta0 + X'r); the user's own data outweighs it as it grows.
+        if prior_theta is None:
+            return ArmModel(a_inv=np.eye(dim) / ridge_lambda, b=np.zeros(dim))
+        c = ridge_lambda + prior_weight
+        return ArmModel(a_inv=np.eye(dim) / c, b=c * np.asarray(prior_theta, dtype=np.float64))
 
     @property
     def theta(self) -> Vector:
@@ -92,10 +93,12 @@ class PolicyState:
             return self
         new = dict(self.arms)
         for a in missing:
-            theta0 = None
             if prior is not None and a in prior.arms and prior.dim == self.dim:
-                theta0 = prior.arms[a].theta
-            new[a] = ArmModel.fresh(self.dim, self.ridge_lambda, theta0)
+                # The prior's arm is the starting model (A = c*I, b = c*theta0), counters 0.
+                start = prior.arms[a]
+                new[a] = ArmModel(a_inv=start.a_inv, b=start.b)
+            else:
+                new[a] = ArmModel.fresh(self.dim, self.ridge_lambda)
         if max_arms is not None and len(new) > max_arms:
             wanted = set(arms)
             spare = sorted(
@@ -134,12 +137,26 @@ def empty_state(policy: str, feature_version: str, dim: int, ridge_lambda: float
     )
 
 
+# The most a population prior can weigh, in ridge-precision units (roughly observations):
+# the shared-plus-per-user trade-off. See docs/learning.md for how it was chosen.
+PRIOR_WEIGHT = 20.0
+
+
 def population_prior(
-    states: Iterable[PolicyState], policy: str, feature_version: str, dim: int, ridge_lambda: float
+    states: Iterable[PolicyState],
+    policy: str,
+    feature_version: str,
+    dim: int,
+    ridge_lambda: float,
+    *,
+    max_weight: float | None = None,
 ) -> PolicyState | None:
     """The population prior of a policy: per arm, the users' theta averaged with weights =
     the rewards each user's arm learned from. None when no arm has learned anything.
-    Its arms start new users at A = lambda*I, b = lambda*theta (see `ArmModel.fresh`)."""
+    Its arms start new users at A = c*I, b = c*theta (see `ArmModel.fresh`), with
+    c = lambda + w and w = 1 / (1/max_weight + 1/n), n the rewards the average is made of:
+    a prior made of little evidence weighs little, one made of much weighs up to max_weight."""
+    cap = PRIOR_WEIGHT if max_weight is None else max_weight
     sums: dict[str, tuple[Vector, float]] = {}
     for state in states:
         for arm, model in state.arms.items():
@@ -154,5 +171,10 @@ def population_prior(
         feature_version=feature_version,
         dim=dim,
         ridge_lambda=ridge_lambda,
-        arms={a: ArmModel.fresh(dim, ridge_lambda, total / w) for a, (total, w) in sums.items()},
+        arms={
+            a: ArmModel.fresh(
+                dim, ridge_lambda, total / w, 1.0 / (1.0 / cap + 1.0 / w) if cap else 0.0
+            )
+            for a, (total, w) in sums.items()
+        },
     )
