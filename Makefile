@@ -7,7 +7,7 @@ HOST ?= 127.0.0.1
 PORT ?= 50051
 DATA_DIR ?= .data
 
-.PHONY: install proto lint typecheck breaking test bench run check clean image
+.PHONY: install proto lint typecheck breaking test bench bench-learning run check clean image
 
 install: $(STAMP)
 
@@ -44,6 +44,11 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench $(BENCH_ARGS)
+
+# oo-ml's policies beside MABWiser and Vowpal Wabbit on the simulator's world (docs/learning.md).
+bench-learning: $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
+	$(BIN)/python -m bench.learning $(BENCH_ARGS)
 
 run: $(STAMP)
 	$(BIN)/oo-ml serve --host $(HOST) --port $(PORT) --data-dir $(DATA_DIR)
