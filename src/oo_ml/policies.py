@@ -67,6 +67,19 @@ def widths(state: PolicyState, x: Vector, arms: Sequence[str]) -> npt.NDArray[np
     return np.array([float(np.sqrt(max(x @ state.arms[a].a_inv @ x, 0.0))) for a in arms])
 
 
+_NOISE_SCALE = 1.0
+
+
+def noise_sd(state: PolicyState, arms: Sequence[str]) -> npt.NDArray[np.float64]:
+    """Each arm's reward noise, sqrt(p(1-p)) with p its smoothed mean reward (Beta(1, 1)):
+    ridge's sqrt(x'A^-1 x) is the width for unit noise, too wide for 0/1 rewards."""
+    p = np.array(
+        [(state.arms[a].reward_sum + 1.0) / (state.arms[a].rewarded + 2.0) for a in arms],
+        dtype=np.float64,
+    )
+    return np.asarray(np.sqrt(p * (1.0 - p)), dtype=np.float64)
+
+
 def _greedy(scores: npt.NDArray[np.float64]) -> npt.NDArray[np.intp]:
     return np.flatnonzero(scores >= scores.max() - _TIE)
 
@@ -116,7 +129,7 @@ class LinUCB:
         self, state: PolicyState, x: Vector, arms: Sequence[str], rng: np.random.Generator
     ) -> Selection:
         mean = estimates(state, x, arms)
-        ucb = mean + self.alpha * widths(state, x, arms)
+        ucb = mean + self.alpha * _NOISE_SCALE * noise_sd(state, arms) * widths(state, x, arms)
         chosen, props = _argmax_with_ties(ucb, rng)
         return Selection(
             chosen=chosen,
