@@ -214,7 +214,7 @@ def empty_state(policy: str, feature_version: str, dim: int, ridge_lambda: float
 # arm), so the prior holds the intercept loosely and the slopes firmly. See
 # docs/learning.md for how these were chosen.
 PRIOR_WEIGHT = 1000.0
-PRIOR_WEIGHT_BIAS = 5.0
+PRIOR_WEIGHT_BIAS = 10.0
 
 
 def population_prior(
