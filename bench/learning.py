@@ -253,11 +253,11 @@ def report(
     for s in sorted(specs, key=lambda s: ci(totals[s])[0]):
         lines.append(f"| `{s}` | {_fmt(totals[s])} | {seconds[s] / len(seeds):.1f} |")
 
-    def diff(a: str, b: str) -> str:
+    def diff(a: str, b: str, note: str = "") -> str:
         d = [x - y for x, y in zip(totals[a], totals[b], strict=True)]
         m, h = ci(d)
         ratio = ci(totals[a])[0] / ci(totals[b])[0]
-        return f"| `{a}` − `{b}` | {m:+8.1f} ± {h:5.1f} | {ratio:.3f} |"
+        return f"| {note}`{a}` − `{b}` | {m:+8.1f} ± {h:5.1f} | {ratio:.3f} |"
 
     pairs = [(o, c) for o, c in COUNTERPART.items() if o in specs and c in specs]
     peers = [s for s in specs if s.partition("@")[0] in (*MABWISER, *VW)]
@@ -270,7 +270,7 @@ def report(
         if peers and ours:
             best_peer = min(peers, key=lambda s: ci(totals[s])[0])
             best_ours = min(ours, key=lambda s: ci(totals[s])[0])
-            lines.append(diff(best_ours, best_peer))
+            lines.append(diff(best_ours, best_peer, "best oo-ml − best peer: "))
     # Per persona, with and without the prior.
     prior_pairs = [s for s in specs if s in OO and f"{s}@noprior" in specs]
     if prior_pairs:
@@ -304,14 +304,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(
         prog="python -m bench.learning", description=__doc__.split("\n")[0]
     )
-    ap.add_argument("--seeds", type=int, default=6, help="seeds 1..N")
+    ap.add_argument("--seeds", type=int, default=6, help="how many seeds")
+    ap.add_argument("--first-seed", type=int, default=1, help="seeds run from this one")
     ap.add_argument("--users", type=int, default=50)
     ap.add_argument("--rounds", type=int, default=150)
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--contenders", default=",".join(DEFAULT))
     ns = ap.parse_args(argv)
     specs = [s for s in ns.contenders.split(",") if s]
-    seeds = list(range(1, ns.seeds + 1))
+    seeds = list(range(ns.first_seed, ns.first_seed + ns.seeds))
     tasks = [(s, ns.users, ns.rounds, k) for k in seeds for s in specs]
     results: dict[tuple[str, int], FloatArray] = {}
     seconds: dict[str, float] = dict.fromkeys(specs, 0.0)
