@@ -1,6 +1,6 @@
 """oo-ml's policies beside MABWiser and Vowpal Wabbit on the simulator's synthetic world.
 
-    python -m bench.learning [--seeds 8] [--users 50] [--rounds 300] [--jobs 2]
+    python -m bench.learning [--seeds 6] [--first-seed 1] [--users 50] [--rounds 150] [--jobs 2]
 
 Every contender runs on the same `simulator.make_world(SimulationConfig(users, rounds,
 seed))` for each seed: the same users, contexts and, for every decision, the same uniform
@@ -113,6 +113,11 @@ def run_oo(world: World, name: str, prior: bool, scoring: ScoringConfig) -> Floa
 def _mab(kind: str, seed: int, dim: int, scoring: ScoringConfig):  # type: ignore[no-untyped-def]
     from mabwiser.mab import MAB, LearningPolicy
 
+    kind, _, knob = kind.partition("~")  # LinUCB~0.5: alpha (epsilon for LinGreedy) 0.5
+    if knob:
+        scoring = replace(
+            scoring, epsilon=float(knob), linucb_alpha=float(knob), thompson_scale=float(knob)
+        )
     lp = {
         "LinGreedy": lambda: LearningPolicy.LinGreedy(epsilon=scoring.epsilon),
         "LinUCB": lambda: LearningPolicy.LinUCB(alpha=scoring.linucb_alpha),
@@ -206,7 +211,7 @@ def run(spec: str, users: int, rounds: int, seed: int) -> FloatArray:
     world = world_for(users, rounds, seed)
     scoring = ScoringConfig()
     name, _, variant = spec.partition("@")
-    if name in MABWISER:
+    if name.partition("~")[0] in MABWISER:
         return run_mabwiser(world, name, variant == "global", scoring)
     if name in VW:
         return run_vw(world, name, variant == "global", scoring)
@@ -260,7 +265,7 @@ def report(
         return f"| {note}`{a}` − `{b}` | {m:+8.1f} ± {h:5.1f} | {ratio:.3f} |"
 
     pairs = [(o, c) for o, c in COUNTERPART.items() if o in specs and c in specs]
-    peers = [s for s in specs if s.partition("@")[0] in (*MABWISER, *VW)]
+    peers = [s for s in specs if s.partition("@")[0].partition("~")[0] in (*MABWISER, *VW)]
     ours = [s for s in specs if s.partition("@")[0] in OO]
     if pairs or (peers and ours):
         lines += ["", "Paired differences (same seeds):", ""]
