@@ -17,7 +17,7 @@ from oo_ml.policies import LinearThompson, build_policies, estimates, widths
 from oo_ml.simulator import LoggedDecision, SimulationConfig, World, _run_policy, make_world
 from oo_ml.state import empty_state
 
-# 3 worlds of 40 users x 100 rounds: ~10,500 decisions a run, ~10 s for the six runs.
+# 3 worlds of 40 users x 100 rounds: ~10,500 decisions a run, ~9 s for the six runs.
 WORLDS = [SimulationConfig(users=40, rounds=100, seed=s) for s in (21, 22, 23)]
 PERSONAS = ("morning/low", "morning/high", "evening/low", "evening/high")
 
