@@ -67,9 +67,14 @@ DEFAULT = (
 )
 
 
+EVENING_SHARE = 0.5  # set by --evening-share, before any world is made
+
+
 @cache
 def world_for(users: int, rounds: int, seed: int) -> World:
-    return make_world(SimulationConfig(users=users, rounds=rounds, seed=seed))
+    return make_world(
+        SimulationConfig(users=users, rounds=rounds, seed=seed, evening_share=EVENING_SHARE)
+    )
 
 
 def personas(world: World) -> tuple[npt.NDArray[np.int64], tuple[str, ...]]:
@@ -314,9 +319,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--users", type=int, default=50)
     ap.add_argument("--rounds", type=int, default=150)
     ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument(
+        "--evening-share", type=float, default=0.5, help="share of evening users (personas)"
+    )
     ap.add_argument("--contenders", default=",".join(DEFAULT))
     ns = ap.parse_args(argv)
     specs = [s for s in ns.contenders.split(",") if s]
+    global EVENING_SHARE  # noqa: PLW0603 - read by world_for in the worker processes (fork)
+    EVENING_SHARE = ns.evening_share
     seeds = list(range(ns.first_seed, ns.first_seed + ns.seeds))
     tasks = [(s, ns.users, ns.rounds, k) for k in seeds for s in specs]
     results: dict[tuple[str, int], FloatArray] = {}

@@ -82,6 +82,8 @@ class SimulationConfig:
     """Rounds between refreshes of the population priors (0: no priors)."""
     last_rounds: int = 50
     """Window, in rounds, of the best-arm rate."""
+    evening_share: float = 0.5
+    """Share of users whose preferred hour is in the evening (the rest: morning)."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -187,7 +189,7 @@ def make_world(config: SimulationConfig) -> World:
     rng = np.random.default_rng(config.seed)
     n, t, k = config.users, config.rounds, len(ARMS)
     # Profiles.
-    evening = rng.random(n) < 0.5
+    evening = rng.random(n) < config.evening_share
     preferred = np.clip(np.rint(np.where(evening, 20.0, 9.0) + rng.normal(0, 1.0, n)), 0, 23)
     completion = rng.beta(2.0, 5.0, n)
     dismiss = rng.beta(2.0, 5.0, n) * (1.0 - completion)
