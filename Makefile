@@ -8,7 +8,7 @@ HOST ?= $(or $(OO_HOST),127.0.0.1)
 PORT ?= $(or $(OO_PORT),50051)
 DATA_DIR ?= $(or $(OO_DATA_DIR),.data)
 
-.PHONY: install proto lint typecheck breaking test bench run check clean image
+.PHONY: install proto lint typecheck breaking test bench bench-learning run check clean image
 
 install: $(STAMP)
 
@@ -58,6 +58,11 @@ $(BENCH_STAMP): $(STAMP)
 # `make bench BENCH_ARGS='--only score,rss'` runs some parts; `python -m bench PART` the others.
 bench: $(BENCH_STAMP)
 	$(BIN)/python -m bench.transport $(BENCH_ARGS)
+
+# oo-ml's policies beside MABWiser and Vowpal Wabbit on the simulator's world (docs/learning.md).
+bench-learning: $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
+	$(BIN)/python -m bench.learning $(BENCH_ARGS)
 
 run: $(STAMP)
 	$(BIN)/oo-ml serve --host $(HOST) --port $(PORT) --data-dir $(DATA_DIR)

@@ -4,6 +4,7 @@ answer lose at most the last flush interval on a crash, and acknowledged rewards
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 import random
@@ -50,7 +51,7 @@ def same(a: PolicyState, b: PolicyState) -> bool:
 
 async def assert_cache_equals_store(engine: ScoringEngine, store: SqliteStore) -> int:
     checked = 0
-    for user, policy in engine.models.keys():
+    for user, policy in engine.models.cached_keys():
         cached = engine.models.cached(user, policy)
         stored = await store.get(user, policy)
         assert cached is not None
@@ -92,10 +93,8 @@ async def test_the_model_cache_equals_the_store_after_any_mix(tmp_path: Path) ->
                     )
                     decisions.append((await engine.score(cmd)).record.decision_id)
                 elif op < 0.95:
-                    try:
+                    with contextlib.suppress(NotFound):  # the user was reset
                         await engine.reward(rnd.choice(decisions), float(rnd.random() < 0.5))
-                    except NotFound:
-                        pass  # the user was reset
                 else:
                     await engine.reset(user)
                 if rnd.random() < 0.05:
@@ -151,7 +150,7 @@ async def test_kill_9_under_load_loses_no_acknowledged_reward(tmp_path: Path) ->
                         return  # the server is gone
 
             clients = [asyncio.create_task(client(n)) for n in range(16)]
-            while len(rewarded) < 300:
+            while len(rewarded) < 300:  # noqa: ASYNC110 - polling the clients' progress
                 await asyncio.sleep(0.05)
             first.proc.send_signal(signal.SIGKILL)
             killed_at = time.monotonic()

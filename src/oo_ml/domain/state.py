@@ -30,17 +30,58 @@ class ArmModel:
     pulls: int = 0
     rewarded: int = 0
     reward_sum: float = 0.0
+    prior_precision: Vector | None = None
+    """The prior folded into A and b: A = diag(prior_precision) + X'X, b = prior_precision *
+    prior_theta + X'r. None: the plain ridge prior, lambda*I and 0."""
+    prior_theta: Vector | None = None
 
     @staticmethod
-    def fresh(dim: int, ridge_lambda: float, prior_theta: Vector | None = None) -> ArmModel:
-        # A = lambda*I and b = lambda*theta0 make the ridge estimate shrink toward the
-        # population's theta0 instead of toward zero: theta = (lambda*I + X'X)^-1 (lambda*theta0 + X'r).
-        b = (
-            np.zeros(dim)
-            if prior_theta is None
-            else ridge_lambda * np.asarray(prior_theta, dtype=np.float64)
+    def fresh(
+        dim: int,
+        ridge_lambda: float,
+        prior_theta: Vector | None = None,
+        prior_weight: float | Vector = 0.0,
+    ) -> ArmModel:
+        # A = C and b = C theta0 (C = diag(lambda + prior_weight)) make the ridge estimate
+        # shrink toward the population's theta0 instead of toward zero:
+        # theta = (C + X'X)^-1 (C theta0 + X'r); the user's own data outweighs it as it grows.
+        if prior_theta is None:
+            return ArmModel(a_inv=np.eye(dim) / ridge_lambda, b=np.zeros(dim))
+        c = ridge_lambda + np.broadcast_to(np.asarray(prior_weight, dtype=np.float64), (dim,))
+        theta0 = np.asarray(prior_theta, dtype=np.float64)
+        return ArmModel(
+            a_inv=np.diag(1.0 / c), b=c * theta0, prior_precision=c.copy(), prior_theta=theta0
         )
-        return ArmModel(a_inv=np.eye(dim) / ridge_lambda, b=b)
+
+    def own(self, ridge_lambda: float) -> tuple[Matrix, Vector]:
+        """X'X and X'r: what this arm learned, without its prior."""
+        dim = self.b.shape[0]
+        c = np.full(dim, ridge_lambda) if self.prior_precision is None else self.prior_precision
+        theta0 = np.zeros(dim) if self.prior_theta is None else self.prior_theta
+        return np.linalg.inv(self.a_inv) - np.diag(c), self.b - c * theta0
+
+    def rebased(self, prior: ArmModel, ridge_lambda: float) -> ArmModel:
+        """The same data under another prior (a population prior's arm)."""
+        if (
+            self.prior_precision is not None
+            and prior.prior_precision is not None
+            and self.prior_theta is not None
+            and prior.prior_theta is not None
+            and np.array_equal(self.prior_precision, prior.prior_precision)
+            and np.array_equal(self.prior_theta, prior.prior_theta)
+        ):
+            return self
+        if prior.prior_precision is None or prior.prior_theta is None:
+            return self
+        xx, xr = self.own(ridge_lambda)
+        c, theta0 = prior.prior_precision, prior.prior_theta
+        return replace(
+            self,
+            a_inv=np.linalg.inv(xx + np.diag(c)),
+            b=xr + c * theta0,
+            prior_precision=c,
+            prior_theta=theta0,
+        )
 
     @property
     def theta(self) -> Vector:
@@ -69,7 +110,18 @@ class ArmModel:
         a_inv = np.zeros((dim, dim))
         a_inv[:d, :d] = self.a_inv
         a_inv[d:, d:] = np.eye(dim - d) / ridge_lambda
-        return replace(self, a_inv=a_inv, b=np.concatenate([self.b, np.zeros(dim - d)]))
+        pad = np.zeros(dim - d)
+        return replace(
+            self,
+            a_inv=a_inv,
+            b=np.concatenate([self.b, pad]),
+            prior_precision=None
+            if self.prior_precision is None
+            else np.concatenate([self.prior_precision, pad + ridge_lambda]),
+            prior_theta=None
+            if self.prior_theta is None
+            else np.concatenate([self.prior_theta, pad]),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,18 +177,40 @@ class PolicyState:
     def with_arms(
         self, arms: list[str], prior: PolicyState | None = None, max_arms: int | None = None
     ) -> PolicyState:
-        """Add the arms this state has not seen, each starting from the population prior.
+        """Add the arms this state has not seen, each starting from the population prior,
+        and move the arms it has onto the prior when the prior has changed (what they
+        learned is kept; only the prior they shrink toward is replaced).
         Beyond max_arms, the least-used arms not in `arms` are dropped: arm names come
         from clients, and every arm costs a D x D matrix on every read and write."""
+        usable = prior is not None and prior.dim == self.dim
         missing = [a for a in arms if a not in self.arms]
-        if not missing:
+        stale = [
+            a
+            for a in arms
+            if usable
+            and prior is not None
+            and a in self.arms
+            and a in prior.arms
+            and self.arms[a].rebased(prior.arms[a], self.ridge_lambda) is not self.arms[a]
+        ]
+        if not missing and not stale:
             return self
         new = dict(self.arms)
+        for a in stale:
+            assert prior is not None
+            new[a] = self.arms[a].rebased(prior.arms[a], self.ridge_lambda)
         for a in missing:
-            theta0 = None
-            if prior is not None and a in prior.arms and prior.dim == self.dim:
-                theta0 = prior.arms[a].theta
-            new[a] = ArmModel.fresh(self.dim, self.ridge_lambda, theta0)
+            if usable and prior is not None and a in prior.arms:
+                # The prior's arm is the starting model (A = C, b = C theta0), counters 0.
+                start = prior.arms[a]
+                new[a] = ArmModel(
+                    a_inv=start.a_inv,
+                    b=start.b,
+                    prior_precision=start.prior_precision,
+                    prior_theta=start.prior_theta,
+                )
+            else:
+                new[a] = ArmModel.fresh(self.dim, self.ridge_lambda)
         if max_arms is not None and len(new) > max_arms:
             wanted = set(arms)
             spare = sorted(
@@ -175,25 +249,59 @@ def empty_state(policy: str, feature_version: str, dim: int, ridge_lambda: float
     )
 
 
+# The most a population prior can weigh on each coefficient, in ridge-precision units
+# (roughly observations): the shared-plus-per-user trade-off. The first dimension is the
+# bias of every feature version; users differ most in their intercepts (their taste for an
+# arm), so the prior holds the intercept loosely and the slopes firmly. See
+# docs/learning.md for how these were chosen.
+PRIOR_WEIGHT = 1000.0
+PRIOR_WEIGHT_BIAS = 10.0
+
+
 def population_prior(
-    states: Iterable[PolicyState], policy: str, feature_version: str, dim: int, ridge_lambda: float
+    states: Iterable[PolicyState],
+    policy: str,
+    feature_version: str,
+    dim: int,
+    ridge_lambda: float,
+    *,
+    max_weight: float | None = None,
 ) -> PolicyState | None:
-    """The population prior of a policy: per arm, the users' theta averaged with weights =
-    the rewards each user's arm learned from. None when no arm has learned anything.
-    Its arms start new users at A = lambda*I, b = lambda*theta (see `ArmModel.fresh`)."""
-    sums: dict[str, tuple[Vector, float]] = {}
+    """The population prior of a policy: per arm, the ridge regression of everyone's data
+    pooled (each user's X'X and X'r without the prior it was learned under). None when no
+    arm has learned anything. Its arms start new users at A = C, b = C theta (see
+    `ArmModel.fresh`), C = diag(lambda + w), w = 1 / (1/max_weight + 1/n) with n the
+    rewards pooled: a prior made of little evidence weighs little, one made of much weighs
+    up to max_weight (PRIOR_WEIGHT_BIAS for the bias, PRIOR_WEIGHT for the rest); existing
+    users move onto it in `PolicyState.with_arms`."""
+    cap = PRIOR_WEIGHT if max_weight is None else max_weight
+    cap_bias = PRIOR_WEIGHT_BIAS if max_weight is None else max_weight
+
+    def strength(n: float) -> Vector:
+        w = np.full(dim, 1.0 / (1.0 / cap + 1.0 / n) if cap else 0.0)
+        w[0] = 1.0 / (1.0 / cap_bias + 1.0 / n) if cap_bias else 0.0
+        return w
+
+    pooled: dict[str, tuple[Matrix, Vector, float]] = {}
     for state in states:
+        if state.dim != dim:
+            continue
         for arm, model in state.arms.items():
             if model.rewarded == 0:
                 continue
-            total, weight = sums.get(arm, (np.zeros(dim), 0.0))
-            sums[arm] = (total + model.rewarded * model.theta, weight + model.rewarded)
-    if not sums:
+            xx, xr = model.own(state.ridge_lambda)
+            a, b, n = pooled.get(arm, (ridge_lambda * np.eye(dim), np.zeros(dim), 0.0))
+            pooled[arm] = (a + xx, b + xr, n + model.rewarded)
+    if not pooled:
         return None
+    sums = {arm: (np.linalg.solve(a, b) * n, n) for arm, (a, b, n) in pooled.items()}
     return PolicyState(
         policy=policy,
         feature_version=feature_version,
         dim=dim,
         ridge_lambda=ridge_lambda,
-        arms={a: ArmModel.fresh(dim, ridge_lambda, total / w) for a, (total, w) in sums.items()},
+        arms={
+            a: ArmModel.fresh(dim, ridge_lambda, total / w, strength(w))
+            for a, (total, w) in sums.items()
+        },
     )

@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import numpy.typing as npt
@@ -84,6 +84,8 @@ class SimulationConfig:
     """Rounds between refreshes of the population priors (0: no priors)."""
     last_rounds: int = 50
     """Window, in rounds, of the best-arm rate."""
+    evening_share: float = 0.5
+    """Share of users whose preferred hour is in the evening (the rest: morning)."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -165,6 +167,9 @@ class World:
     """(rounds, users, K): reward probability of each arm."""
     draws: FloatArray
     """(rounds, users, K): the uniform draw deciding each arm's reward (reward = draw < p)."""
+    profile: Mapping[str, FloatArray] = field(default_factory=dict)
+    """Per-user profile values, (users,) each: `evening` (1.0 or 0.0), `preferred_hour`,
+    `completion`, `load`, `overdue_rate`. For grouping users into personas in reports."""
 
     @property
     def best(self) -> IntArray:
@@ -186,7 +191,7 @@ def make_world(config: SimulationConfig) -> World:
     rng = np.random.default_rng(config.seed)
     n, t, k = config.users, config.rounds, len(ARMS)
     # Profiles.
-    evening = rng.random(n) < 0.5
+    evening = rng.random(n) < config.evening_share
     preferred = np.clip(np.rint(np.where(evening, 20.0, 9.0) + rng.normal(0, 1.0, n)), 0, 23)
     completion = rng.beta(2.0, 5.0, n)
     dismiss = rng.beta(2.0, 5.0, n) * (1.0 - completion)
@@ -241,7 +246,14 @@ def make_world(config: SimulationConfig) -> World:
             assembled = assemble(ALL_FEATURES, Inputs(values), {}, now=0.0)
             for v, fv in FEATURE_VERSIONS.items():
                 xs[v][r, u] = fv.vectorise(assembled)
-    return World(config=config, joined=joined, x=xs, p=p, draws=draws)
+    profile = {
+        "evening": evening.astype(np.float64),
+        "preferred_hour": preferred,
+        "completion": completion,
+        "load": load,
+        "overdue_rate": overdue_rate,
+    }
+    return World(config=config, joined=joined, x=xs, p=p, draws=draws, profile=profile)
 
 
 # -- running policies --------------------------------------------------------------------

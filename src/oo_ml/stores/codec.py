@@ -56,6 +56,8 @@ def encode_state(s: PolicyState) -> bytes:
             pulls=m.pulls,
             rewarded=m.rewarded,
             reward_sum=m.reward_sum,
+            prior_precision=[] if m.prior_precision is None else m.prior_precision.tolist(),
+            prior_theta=[] if m.prior_theta is None else m.prior_theta.tolist(),
         )
     return msg.SerializeToString(deterministic=True)
 
@@ -75,6 +77,12 @@ def _decode_state(data: bytes) -> PolicyState:
             pulls=a.pulls,
             rewarded=a.rewarded,
             reward_sum=a.reward_sum,
+            prior_precision=np.array(a.prior_precision, dtype=np.float64)
+            if len(a.prior_precision) == d
+            else None,
+            prior_theta=np.array(a.prior_theta, dtype=np.float64)
+            if len(a.prior_theta) == d
+            else None,
         )
         for a in msg.arms
     }

@@ -35,6 +35,8 @@ class ArmState(_message.Message):
     PULLS_FIELD_NUMBER: _builtins.int
     REWARDED_FIELD_NUMBER: _builtins.int
     REWARD_SUM_FIELD_NUMBER: _builtins.int
+    PRIOR_PRECISION_FIELD_NUMBER: _builtins.int
+    PRIOR_THETA_FIELD_NUMBER: _builtins.int
     arm: _builtins.str
     pulls: _builtins.int
     """Decisions that chose the arm."""
@@ -47,6 +49,15 @@ class ArmState(_message.Message):
 
     @_builtins.property
     def b(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]: ...
+    @_builtins.property
+    def prior_precision(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """The prior folded into a_inv and b: A = diag(prior_precision) + X'X and
+        b = prior_precision * prior_theta + X'r, kept so that a newer population prior can
+        replace it. Empty: the plain ridge prior, lambda*I and 0.
+        """
+
+    @_builtins.property
+    def prior_theta(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]: ...
     def __init__(
         self,
         *,
@@ -56,10 +67,12 @@ class ArmState(_message.Message):
         pulls: _builtins.int = ...,
         rewarded: _builtins.int = ...,
         reward_sum: _builtins.float = ...,
+        prior_precision: _abc.Iterable[_builtins.float] | None = ...,
+        prior_theta: _abc.Iterable[_builtins.float] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["a_inv", b"a_inv", "arm", b"arm", "b", b"b", "pulls", b"pulls", "reward_sum", b"reward_sum", "rewarded", b"rewarded"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["a_inv", b"a_inv", "arm", b"arm", "b", b"b", "prior_precision", b"prior_precision", "prior_theta", b"prior_theta", "pulls", b"pulls", "reward_sum", b"reward_sum", "rewarded", b"rewarded"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

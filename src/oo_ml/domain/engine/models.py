@@ -140,7 +140,7 @@ class Models:
         entry = self._cache.get((user_id, policy))
         return (entry[0], entry[1]) if entry is not None else None
 
-    def keys(self) -> list[tuple[str, str]]:
+    def cached_keys(self) -> list[tuple[str, str]]:
         return list(self._cache)
 
     def with_arms(self, state: PolicyState, policy: str, arms: Sequence[str]) -> PolicyState:
