@@ -49,6 +49,26 @@ class Metrics:
         row[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
         row[-1] += seconds
 
+    def rpc_recorder(self, method: str) -> Callable[[str, float], None]:
+        """A cheap per-call recorder for one method: counts by code, observes latency."""
+        counts = self._counters["oo_rpc_total"]
+        self._help.setdefault("oo_rpc_total", "RPCs handled, by method and status code.")
+        self._help.setdefault("oo_rpc_seconds", "RPC handling time, by method.")
+        row = self._hist["oo_rpc_seconds"].setdefault(
+            (("method", method),), [0.0] * (len(LATENCY_BUCKETS) + 2)
+        )
+        keys: dict[str, Labels] = {}
+
+        def record(code: str, seconds: float) -> None:
+            key = keys.get(code)
+            if key is None:
+                key = keys[code] = (("method", method), ("code", code))
+            counts[key] += 1
+            row[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+            row[-1] += seconds
+
+        return record
+
     def gauges(self, collect: Callable[[], Mapping[str, float]]) -> None:
         """Register a callable read at scrape time: {metric_name: value}."""
         self._gauges.append(collect)

@@ -34,7 +34,7 @@ from oo_ml.app.metrics import Metrics, MetricsEndpoint
 from oo_ml.config import Config
 from oo_ml.domain.engine import ScoringEngine
 from oo_ml.domain.features import FeatureStore, NoStoredFeatures, NoTasks, TaskSource
-from oo_ml.edge.interceptors import SERVICE, EdgeInterceptor
+from oo_ml.edge.interceptors import SERVICE, EdgeGuard
 from oo_ml.edge.service import ScoringService
 from oo_ml.generate.generator import Generator
 from oo_ml.generate.prompts import check_config
@@ -100,9 +100,6 @@ class App:
             self.metrics.gauges(lambda: {f"oo_ingest_{k}": v for k, v in ingest.stats().items()})
 
         server = grpc.aio.server(
-            interceptors=[
-                EdgeInterceptor(cfg.server.auth_token, cfg.server.admin_token, self.metrics)
-            ],
             options=[
                 ("grpc.max_receive_message_length", cfg.server.max_message_bytes),
                 ("grpc.max_send_message_length", cfg.server.max_message_bytes),
@@ -110,14 +107,15 @@ class App:
                 ("grpc.so_reuseport", 0),
             ],
         )
-        scoring_pb2_grpc.add_ScoringServiceServicer_to_server(
+        EdgeGuard(cfg.server.auth_token, cfg.server.admin_token, self.metrics).register(
+            server,
+            scoring_pb2_grpc.add_ScoringServiceServicer_to_server,
             ScoringService(
                 engine,
                 generator,
                 max_candidates,
                 ingest_stats=ingest.stats if ingest is not None else dict,
             ),
-            server,
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(

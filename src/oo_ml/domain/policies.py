@@ -77,11 +77,11 @@ _NOISE_SCALE = 1.0
 def noise_sd(state: PolicyState, arms: Sequence[str]) -> npt.NDArray[np.float64]:
     """Each arm's reward noise, sqrt(p(1-p)) with p its smoothed mean reward (Beta(1, 1)):
     ridge's sqrt(x'A^-1 x) is the width for unit noise, too wide for 0/1 rewards."""
-    p = np.array(
-        [(state.arms[a].reward_sum + 1.0) / (state.arms[a].rewarded + 2.0) for a in arms],
-        dtype=np.float64,
-    )
-    return np.asarray(np.sqrt(p * (1.0 - p)), dtype=np.float64)
+    st = state.stacked()
+    rows = st.rows(arms)
+    p = (st.reward_sum[rows] + 1.0) / (st.rewarded[rows] + 2.0)
+    # Rewards in [-1, 1] can put p outside [0, 1]: the variance is then taken as 0.
+    return np.asarray(np.sqrt(np.maximum(p * (1.0 - p), 0.0)), dtype=np.float64)
 
 
 def _greedy(scores: npt.NDArray[np.float64]) -> npt.NDArray[np.intp]:

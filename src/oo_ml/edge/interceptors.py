@@ -1,7 +1,8 @@
 """The one place where errors become gRPC statuses, plus auth, deadlines and metrics.
 
-`EdgeInterceptor` wraps every ScoringService handler, once per method (the wrapped handler
-is built at the method's first call and reused), so a call pays for no handler building:
+`EdgeGuard` wraps every ScoringService handler once, when the service is registered (not a
+grpc ServerInterceptor, which grpc.aio would run per call), so a call pays for no handler
+lookup or building:
 - auth before parsing: the wrapped handler receives the raw request bytes, and
   `authorization: Bearer <token>` (scheme case-insensitive, RFC 7235) is checked before the
   body is decoded: an unauthenticated caller cannot make the server parse anything
@@ -25,8 +26,7 @@ import asyncio
 import hmac
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -104,24 +104,37 @@ if TYPE_CHECKING:
 _BEARER = "bearer "
 
 
-class EdgeInterceptor(grpc.aio.ServerInterceptor):
+class EdgeGuard:
+    """Wraps each ScoringService handler once, when the service is registered."""
+
     def __init__(
         self, token: str | None, admin_token: str | None, metrics: Metrics | None = None
     ) -> None:
         self.token = token.encode() if token is not None else None
         self.admin_token = admin_token.encode() if admin_token is not None else None
         self.metrics = metrics or Metrics()
-        self._wrapped: dict[str, Handler | None] = {}
 
-    def _count(self, method: str, code: str, started: float) -> None:
-        labels = (("method", method.rsplit("/", 1)[-1]), ("code", code))
-        self.metrics.inc("oo_rpc_total", "RPCs handled, by method and status code.", labels)
-        self.metrics.observe(
-            "oo_rpc_seconds",
-            "RPC handling time, by method.",
-            labels[:1],
-            time.perf_counter() - started,
+    def register(
+        self,
+        server: grpc.aio.Server,
+        add_to_server: Callable[[Any, Any], None],
+        servicer: object,
+    ) -> None:
+        """Register `servicer` (through its generated `add_..._to_server`) on the server
+        with every handler wrapped: auth before decoding, deadline, metrics, errors."""
+        captured = _Capture()
+        add_to_server(servicer, captured)
+        if captured.service is None or captured.handlers is None:
+            raise RuntimeError("the generated registration did not name its handlers")
+        wrapped = {
+            name: self._wrap(f"/{captured.service}/{name}", h)
+            for name, h in captured.handlers.items()
+        }
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(captured.service, wrapped),)
         )
+        # Registered methods skip grpc's per-call lookup of a generic handler.
+        server.add_registered_method_handlers(captured.service, wrapped)
 
     def _authorize(self, method: str, context: Context) -> None:
         """OO_AUTH_TOKEN guards every RPC; OO_ADMIN_TOKEN guards the admin RPCs (and is
@@ -161,38 +174,43 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
         log.error("unhandled error", exc_info=err)
         await context.abort(grpc.StatusCode.INTERNAL, "internal error")
 
-    @staticmethod
-    def _budget(context: Context) -> float | None:
-        remaining = context.time_remaining()
-        if remaining is not None and remaining <= 0:
-            raise TimeoutError
-        return remaining
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
-        details: grpc.HandlerCallDetails,
-    ) -> Handler | None:
-        method: str = details.method
-        if method in self._wrapped:
-            return self._wrapped[method]
-        handler = await continuation(details)
-        if handler is None or not method.startswith(f"/{SERVICE}/"):
-            return handler  # health, reflection, unknown methods: as they are
-        wrapped = self._wrap(method, handler)
-        self._wrapped[method] = wrapped
-        return wrapped
-
     def _wrap(self, method: str, handler: Handler) -> Handler:
-        """The handler with auth before decoding, deadline, metrics and error mapping."""
+        """The handler with auth before decoding, deadline, metrics and error mapping,
+        written inline (no context manager, no per-call allocation beyond the call's)."""
         decode = _decoder(handler.request_deserializer)
+        record = self.metrics.rpc_recorder(method.rsplit("/", 1)[-1])
+        checks_auth = self.token is not None or self.admin_token is not None
+        authorize = self._authorize
+        fail = self._fail
         if handler.unary_unary is not None:
             # The grpc stubs type handlers as sync; under grpc.aio they are coroutines.
             inner: Any = handler.unary_unary
 
             async def unary(raw: bytes, context: Context) -> Any:
-                async with self._guard(method, context, cancel_at_deadline=True):
-                    return await inner(decode(raw), context)
+                started, code = time.perf_counter(), "OK"
+                try:
+                    if checks_auth:
+                        authorize(method, context)
+                    budget = context.time_remaining()
+                    request = decode(raw)
+                    if budget is None:
+                        return await inner(request, context)
+                    if budget <= 0:
+                        raise TimeoutError
+                    # A handler still running at its deadline is cancelled, not left to
+                    # work for nobody.
+                    async with asyncio.timeout(budget):
+                        return await inner(request, context)
+                except asyncio.CancelledError:
+                    code = "CANCELLED"  # the client went away (or the server is stopping)
+                    raise
+                except Exception as e:
+                    code = _code_name(e)
+                    if _is_abort(e):
+                        raise
+                    await fail(context, e)
+                finally:
+                    record(code, time.perf_counter() - started)
 
             return grpc.unary_unary_rpc_method_handler(
                 unary, request_deserializer=None, response_serializer=handler.response_serializer
@@ -203,39 +221,44 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
             async def stream(raw: bytes, context: Context) -> AsyncIterator[Any]:
                 # No timeout around a stream: it would span the yields, and a cancel landing
                 # in grpc's write reads as CANCELLED. grpc.aio ends a stream at its deadline.
-                async with self._guard(method, context, cancel_at_deadline=False):
+                started, code = time.perf_counter(), "OK"
+                try:
+                    if checks_auth:
+                        authorize(method, context)
+                    budget = context.time_remaining()
+                    if budget is not None and budget <= 0:
+                        raise TimeoutError
                     async for item in inner_stream(decode(raw), context):
                         yield item
+                except asyncio.CancelledError:
+                    code = "CANCELLED"
+                    raise
+                except Exception as e:
+                    code = _code_name(e)
+                    if _is_abort(e):
+                        raise
+                    await fail(context, e)
+                finally:
+                    record(code, time.perf_counter() - started)
 
             return grpc.unary_stream_rpc_method_handler(
                 stream, request_deserializer=None, response_serializer=handler.response_serializer
             )
         return handler
 
-    @asynccontextmanager
-    async def _guard(
-        self, method: str, context: Context, *, cancel_at_deadline: bool
-    ) -> AsyncIterator[None]:
-        """Auth, deadline, metrics and error mapping around one call."""
-        started, code = time.perf_counter(), "OK"
-        try:
-            self._authorize(method, context)
-            budget = self._budget(context)
-            if cancel_at_deadline and budget is not None:
-                async with asyncio.timeout(budget):
-                    yield
-            else:
-                yield
-        except asyncio.CancelledError:
-            code = "CANCELLED"  # the client went away (or the server is stopping)
-            raise
-        except Exception as e:
-            code = _code_name(e)
-            if _is_abort(e):
-                raise
-            await self._fail(context, e)
-        finally:
-            self._count(method, code, started)
+
+class _Capture:
+    """Stands in for a server to catch what a generated `add_..._to_server` registers."""
+
+    def __init__(self) -> None:
+        self.service: str | None = None
+        self.handlers: dict[str, Handler] | None = None
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        pass  # the same handlers come again, by name, just below
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, Handler]) -> None:
+        self.service, self.handlers = service, handlers
 
 
 def _decoder(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any]:
