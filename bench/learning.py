@@ -2,14 +2,14 @@
 
     python -m bench.learning [--seeds 6] [--first-seed 1] [--users 50] [--rounds 150] [--jobs 2]
 
-Every contender runs on the same `simulator.make_world(SimulationConfig(users, rounds,
+Every contender runs on the same `sim.world.make_world(SimulationConfig(users, rounds,
 seed))` for each seed: the same users, contexts and, for every decision, the same uniform
 draw per arm (reward = draw < p, common random numbers). Every contender sees the same
 context: the v2 feature vector (12 numbers, bias first) that oo-ml's v2 policies see.
 Decisions are made in the simulator's order (round by round, users in turn), each learner
 learns the reward of its choice at once, and regret is in expectation, p(best) - p(chosen).
 
-oo-ml's policies run exactly as `oo-ml simulate` runs them (`simulator._run_policy`:
+oo-ml's policies run exactly as `oo-ml simulate` runs them (`sim.runner._run_policy`:
 per-user states, `rng_for(decision_id)`, population prior refreshed every 10 rounds);
 `@noprior` runs them with the prior off. Peers, in two set-ups:
 
@@ -40,15 +40,8 @@ from scipy import stats
 from oo_ml.config import ScoringConfig
 from oo_ml.domain.policies import build_policies
 from oo_ml.domain.rng import rng_for
-from oo_ml.sim.runner import (
-    ARMS,
-    LoggedDecision,
-    SimulationConfig,
-    World,
-    _run_policy,
-    decision_id,
-    make_world,
-)
+from oo_ml.sim.runner import LoggedDecision, _run_policy
+from oo_ml.sim.world import ARMS, SimulationConfig, World, decision_id, make_world
 
 FloatArray = npt.NDArray[np.float64]
 

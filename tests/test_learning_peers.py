@@ -15,7 +15,8 @@ from oo_ml.config import ScoringConfig
 from oo_ml.domain.policies import LinearThompson, build_policies, estimates, widths
 from oo_ml.domain.rng import rng_for
 from oo_ml.domain.state import empty_state
-from oo_ml.sim.runner import LoggedDecision, SimulationConfig, World, _run_policy, make_world
+from oo_ml.sim.runner import LoggedDecision, _run_policy
+from oo_ml.sim.world import SimulationConfig, World, make_world
 
 # 3 worlds of 40 users x 100 rounds: ~10,500 decisions a run, ~9 s for the six runs.
 WORLDS = [SimulationConfig(users=40, rounds=100, seed=s) for s in (21, 22, 23)]

@@ -15,15 +15,13 @@ from oo_ml import cli
 from oo_ml.domain import ope as gate
 from oo_ml.domain import promotion
 from oo_ml.sim.runner import (
-    ARMS,
-    SimulationConfig,
     SimulationResult,
-    make_world,
     off_policy_estimate,
     replay,
     simulate,
     simulate_and_evaluate,
 )
+from oo_ml.sim.world import ARMS, SimulationConfig, make_world
 from tests.conftest import ServerFactory
 
 LEARNERS = ["egreedy", "egreedy-v2", "linucb", "lints"]

@@ -55,7 +55,9 @@ def _prompts(ns: argparse.Namespace) -> int:
 
 
 def _simulate(ns: argparse.Namespace) -> int:
-    from oo_ml.sim import runner as simulator
+    from oo_ml.sim.report import render
+    from oo_ml.sim.runner import simulate_and_evaluate
+    from oo_ml.sim.world import SimulationConfig
 
     def names(raw: str) -> list[str]:
         return [n.strip() for n in raw.split(",") if n.strip()]
@@ -63,8 +65,8 @@ def _simulate(ns: argparse.Namespace) -> int:
     evaluate = names(ns.evaluate)
     log_policy = ns.log_policy or ("egreedy" if evaluate else None)
     try:
-        report = simulator.simulate_and_evaluate(
-            simulator.SimulationConfig(
+        report = simulate_and_evaluate(
+            SimulationConfig(
                 users=ns.users, rounds=ns.rounds, seed=ns.seed, last_rounds=ns.last
             ),
             names(ns.policies),
@@ -77,7 +79,7 @@ def _simulate(ns: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"oo-ml simulate: {e}", file=sys.stderr)
         return 2
-    print(simulator.render(report))
+    print(render(report))
     return 0
 
 
@@ -159,7 +161,7 @@ def parser() -> argparse.ArgumentParser:
         "simulate",
         help="run policies on a synthetic population (offline, seeded)",
         description="Run the policies on the same synthetic users, contexts and rewards"
-        " (oo_ml.sim.runner), and optionally evaluate policies off-policy on one policy's log"
+        " (oo_ml.sim), and optionally evaluate policies off-policy on one policy's log"
         " and run the promotion gate. Policy knobs (OO_EPSILON, ...) come from the environment.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
