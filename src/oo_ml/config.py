@@ -138,6 +138,11 @@ class ScoringConfig:
     prior_refresh_s: float = setting(
         30.0, "OO_PRIOR_REFRESH_S", "How often the population prior is recomputed."
     )
+    decision_log_max_mb: float = setting(
+        2048.0,
+        "OO_DECISION_LOG_MAX_MB",
+        "Most disk the decision log may take; past it the oldest rewarded decisions go first.",
+    )
     decision_durability: str = setting(
         "async",
         "OO_DECISION_DURABILITY",
@@ -261,6 +266,8 @@ class Config:
             problems.append("OO_DECISION_FLUSH_MS must be in (0, 1000]")
         if s.decision_flush_records < 1 or s.shadow_queue < 1:
             problems.append("OO_DECISION_FLUSH_RECORDS and OO_SHADOW_QUEUE must be >= 1")
+        if not (math.isfinite(s.decision_log_max_mb) and s.decision_log_max_mb > 0):
+            problems.append("OO_DECISION_LOG_MAX_MB must be a finite number > 0")
         if not (math.isfinite(s.state_cache_mb) and s.state_cache_mb >= 0):
             problems.append("OO_STATE_CACHE_MB must be a finite number >= 0")
         if not (math.isfinite(s.feature_cache_s) and s.feature_cache_s >= 0):

@@ -237,6 +237,14 @@ def _engine_gauges(engine: ScoringEngine) -> dict[str, float]:
         "oo_background_failures": engine.background_failures,
         "oo_users_locked": engine.users_locked,
         "oo_decisions_set_aside": engine.upkeep.set_aside,
+        "oo_decision_log_rows": engine.upkeep.log_rows,
+        "oo_decision_log_bytes": engine.upkeep.log_bytes,
+        "oo_decision_log_pruned_for_size": engine.upkeep.pruned_for_size,
+        "oo_decision_log_buffered": len(engine.log.pending_records()),
+        "oo_decision_log_dropped": engine.log.counters.dropped,
+        "oo_model_cache_entries": len(engine.models),
+        "oo_model_cache_bytes": engine.models.bytes,
+        "oo_shadow_samples_dropped": engine.shadows.counters.dropped,
     }
     for job in engine.upkeep.status():
         out[f'oo_upkeep_failures_total{{job="{job.name}"}}'] = job.failures_total

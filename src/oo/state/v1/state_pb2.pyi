@@ -236,6 +236,9 @@ class Decision(_message.Message):
     CREATED_AT_MS_FIELD_NUMBER: _builtins.int
     SHADOW_VECTORS_FIELD_NUMBER: _builtins.int
     SHADOWS_FIELD_NUMBER: _builtins.int
+    X32_FIELD_NUMBER: _builtins.int
+    SCORES32_FIELD_NUMBER: _builtins.int
+    PROPENSITIES32_FIELD_NUMBER: _builtins.int
     format_version: _builtins.int
     decision_id: _builtins.str
     user_id: _builtins.str
@@ -244,6 +247,14 @@ class Decision(_message.Message):
     chosen_index: _builtins.int
     explored: _builtins.bool
     created_at_ms: _builtins.int
+    x32: _builtins.bytes
+    """Format 2 (about a third of format 1's bytes): x, and each candidate's score and
+    propensity, as packed little-endian float32; decision_id, user_id, policy and
+    created_at_ms are left empty, because the store keeps them in columns beside the
+    record; a candidate's arm is left empty when it equals its tip_id.
+    """
+    scores32: _builtins.bytes
+    propensities32: _builtins.bytes
     @_builtins.property
     def x(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]: ...
     @_builtins.property
@@ -269,10 +280,13 @@ class Decision(_message.Message):
         created_at_ms: _builtins.int = ...,
         shadow_vectors: _abc.Iterable[Global___FeatureVector] | None = ...,
         shadows: _abc.Iterable[Global___ShadowDecision] | None = ...,
+        x32: _builtins.bytes = ...,
+        scores32: _builtins.bytes = ...,
+        propensities32: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["candidates", b"candidates", "chosen_index", b"chosen_index", "created_at_ms", b"created_at_ms", "decision_id", b"decision_id", "explored", b"explored", "feature_version", b"feature_version", "format_version", b"format_version", "policy", b"policy", "shadow_vectors", b"shadow_vectors", "shadows", b"shadows", "user_id", b"user_id", "x", b"x"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["candidates", b"candidates", "chosen_index", b"chosen_index", "created_at_ms", b"created_at_ms", "decision_id", b"decision_id", "explored", b"explored", "feature_version", b"feature_version", "format_version", b"format_version", "policy", b"policy", "propensities32", b"propensities32", "scores32", b"scores32", "shadow_vectors", b"shadow_vectors", "shadows", b"shadows", "user_id", b"user_id", "x", b"x", "x32", b"x32"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,8 +1,10 @@
 """Upkeep: the engine's background jobs, each on its own schedule.
 
     sweep    decisions left unrewarded past the window get the default reward
-    prune    rewarded decisions past the retention are forgotten
+    prune    rewarded decisions past the retention are forgotten, and the oldest rewarded
+             ones while the log is over OO_DECISION_LOG_MAX_MB (a warning from 90%)
     priors   each policy's population prior is recomputed from the users' models
+    checkpoint  the store's write-ahead log is folded in and truncated, every minute
 
 Each job has its own interval, its own failure counters and its own backoff, so a job that
 fails (a prior refresh that cannot read the store, say) never holds back the others: it is
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from contextlib import suppress
@@ -38,6 +41,11 @@ _PRIOR_SAMPLE = 2000
 _SWEEP_BATCH = 500
 _SWEEP_CONCURRENCY = 32
 _FIRST_RETRY_S = 1.0
+# The WAL is folded into the database (and truncated) this often, under load too.
+_CHECKPOINT_S = 60.0
+_MB = 1024 * 1024
+_WARN_AT = 0.9
+_REFILL = 0.9
 _MAX_BACKOFF_S = 60.0
 # Consecutive failures after which a job makes the `oo.upkeep` health entry NOT_SERVING.
 UNHEALTHY_AFTER = 3
@@ -88,7 +96,13 @@ class Upkeep:
             "sweep": (JobStatus("sweep", config.sweep_interval_s), self.sweep_once),
             "prune": (JobStatus("prune", config.sweep_interval_s), self.prune),
             "priors": (JobStatus("priors", config.prior_refresh_s), self.refresh_priors),
+            "checkpoint": (JobStatus("checkpoint", _CHECKPOINT_S), self.store.checkpoint),
         }
+        self.log_rows = 0
+        self.log_bytes = 0
+        """The decision log's size at the last prune (rows, bytes on disk)."""
+        self.pruned_for_size = 0
+        """Rewarded decisions forgotten early to keep the log under OO_DECISION_LOG_MAX_MB."""
 
     def status(self) -> list[JobStatus]:
         return [status for status, _ in self._jobs.values()]
@@ -133,7 +147,35 @@ class Upkeep:
                 return applied
 
     async def prune(self) -> int:
-        return await self.store.prune_decisions(self.clock() - self.config.decision_retention_s)
+        """Forget rewarded decisions past the retention, then, while the log is over
+        OO_DECISION_LOG_MAX_MB, the oldest rewarded ones (pending decisions are kept: a
+        reward may still come for them)."""
+        pruned = await self.store.prune_decisions(self.clock() - self.config.decision_retention_s)
+        rows, size = await self.store.decision_log_size()
+        cap = self.config.decision_log_max_mb * _MB
+        if size > cap and rows:
+            # Down to 90% of the cap, so the next prune is not due at the next decision.
+            excess = math.ceil((size - _REFILL * cap) / (size / rows))
+            forgotten = await self.store.prune_oldest_rewarded(excess)
+            self.pruned_for_size += forgotten
+            pruned += forgotten
+            log.warning(
+                "decision log at %.1f MB, over OO_DECISION_LOG_MAX_MB=%.1f: forgot the %d"
+                " oldest rewarded decisions",
+                size / _MB,
+                cap / _MB,
+                forgotten,
+            )
+            rows, size = await self.store.decision_log_size()
+        elif size > _WARN_AT * cap:
+            log.warning(
+                "decision log at %.0f%% of OO_DECISION_LOG_MAX_MB (%.1f of %.1f MB)",
+                100 * size / cap,
+                size / _MB,
+                cap / _MB,
+            )
+        self.log_rows, self.log_bytes = rows, size
+        return pruned
 
     async def refresh_priors(self) -> None:
         """Recompute each policy's population prior: per arm, the mean of the users' theta

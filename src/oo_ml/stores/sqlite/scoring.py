@@ -34,6 +34,7 @@ from oo_ml.domain.ports import (
 from oo_ml.domain.state import PolicyState
 from oo_ml.errors import Conflict, UnreadableRecord
 from oo_ml.stores.codec import (
+    DecisionKey,
     decode_decision,
     decode_shadow_views,
     decode_state,
@@ -191,6 +192,36 @@ def _apply(conn: sqlite3.Connection, w: Write, revisions: dict[tuple[str, str], 
             )
 
 
+# How often the decision log's bytes per row are measured again from the pages.
+_RESIZE_S = 300.0
+# Per row, before anything was measured: a format-2 record with ten candidates, its
+# columns and its four index entries (measured about 380 bytes on disk).
+_BYTES_PER_ROW_GUESS = 400.0
+_DECISION_TABLES = (
+    "decisions",
+    "sqlite_autoindex_decisions_1",
+    "decisions_user",
+    "decisions_policy",
+    "decisions_pending",
+    "decision_shadows",
+    "sqlite_autoindex_decision_shadows_1",
+)
+
+
+def _measured_bytes_per_row(conn: sqlite3.Connection, rows: int) -> float:
+    if rows == 0:
+        return _BYTES_PER_ROW_GUESS
+    try:
+        marks = ",".join("?" * len(_DECISION_TABLES))
+        used = conn.execute(
+            f"SELECT sum(pgsize - unused) FROM dbstat WHERE name IN ({marks})",
+            _DECISION_TABLES,
+        ).fetchone()[0]
+    except sqlite3.OperationalError:  # SQLite built without dbstat
+        return _BYTES_PER_ROW_GUESS
+    return float(used or 0) / rows if used else _BYTES_PER_ROW_GUESS
+
+
 class SqliteStore:
     """The engine's `Store` on a `SqliteDB`."""
 
@@ -198,6 +229,8 @@ class SqliteStore:
         self.db = db
         self.unreadable_states = 0
         """States skipped by `policy_states` because they do not decode."""
+        self._bytes_per_row: float | None = None
+        self._sized_at = 0.0
 
     @classmethod
     def open(cls, path: Path | str) -> SqliteStore:
@@ -234,14 +267,15 @@ class SqliteStore:
     async def get_decision(self, decision_id: str) -> StoredDecision | None:
         def q(conn: sqlite3.Connection) -> StoredDecision | None:
             row = conn.execute(
-                "SELECT d.data, d.reward, d.rewarded_at, d.reward_source, s.data FROM decisions d"
+                "SELECT d.data, d.reward, d.rewarded_at, d.reward_source, s.data, d.user_id,"
+                " d.policy, d.created_at FROM decisions d"
                 " LEFT JOIN decision_shadows s ON s.decision_id = d.decision_id"
                 " WHERE d.decision_id = ?",
                 (decision_id,),
             ).fetchone()
             if row is None:
                 return None
-            record = decode_decision(row[0])
+            record = decode_decision(row[0], DecisionKey(decision_id, row[5], row[6], row[7]))
             if row[4] is not None:
                 views, vectors = decode_shadow_views(row[4])
                 record = replace(record, shadows=views, shadow_vectors=vectors)
@@ -387,6 +421,39 @@ class SqliteStore:
             return n
 
         return await self.db.run(tx)
+
+    async def decision_log_size(self) -> tuple[int, int]:
+        """Rows, and bytes on disk: the decision tables' and their indexes' pages, from the
+        dbstat table where SQLite has it (read at most every few minutes: it walks the
+        pages), else a per-row estimate."""
+
+        def q(conn: sqlite3.Connection) -> tuple[int, int]:
+            rows = int(conn.execute("SELECT count(*) FROM decisions").fetchone()[0])
+            now = time.monotonic()
+            if self._bytes_per_row is None or now - self._sized_at > _RESIZE_S:
+                self._sized_at = now
+                self._bytes_per_row = _measured_bytes_per_row(conn, rows)
+            return rows, int(rows * self._bytes_per_row)
+
+        return await self.db.read(q)
+
+    async def prune_oldest_rewarded(self, count: int) -> int:
+        def tx(conn: sqlite3.Connection) -> int:
+            oldest = (
+                "SELECT decision_id FROM decisions WHERE reward IS NOT NULL"
+                " ORDER BY rewarded_at LIMIT ?"
+            )
+            conn.execute(f"DELETE FROM decision_shadows WHERE decision_id IN ({oldest})", (count,))
+            return int(
+                conn.execute(
+                    f"DELETE FROM decisions WHERE decision_id IN ({oldest})", (count,)
+                ).rowcount
+            )
+
+        return await self.db.run(tx)
+
+    async def checkpoint(self) -> None:
+        await self.db.checkpoint()
 
     async def record_generation(self, g: GenerationRecord) -> None:
         def tx(conn: sqlite3.Connection) -> None:
