@@ -40,6 +40,45 @@ def inputs_of(context: scoring_pb2.Context, profile: scoring_pb2.ProfileFeatures
     return Inputs(values=values, timezone=context.timezone)
 
 
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+_FEATURES_TAG = _varint(
+    scoring_pb2.ScoreResponse.DESCRIPTOR.fields_by_name["features"].number << 3 | 2
+)
+# Each (name, value, origin) as ScoreResponse.features wire bytes. Building nine
+# FeatureValue messages cost about a tenth of a Score; most values repeat (hours,
+# fallbacks, a user's profile between events), so their bytes are made once and the
+# response parses them in C. Bounded: cleared when full.
+_FEATURE_BYTES: dict[tuple[str, float, Origin], bytes] = {}
+_FEATURE_BYTES_MAX = 50_000
+
+
+def feature_bytes(assembled: Assembled) -> bytes:
+    """The assembled features as the wire bytes of ScoreResponse.features."""
+    origins = assembled.origins
+    cache = _FEATURE_BYTES
+    parts = []
+    for name, value in assembled.values.items():
+        key = (name, value, origins[name])
+        encoded = cache.get(key)
+        if encoded is None:
+            if len(cache) >= _FEATURE_BYTES_MAX:
+                cache.clear()
+            body = scoring_pb2.FeatureValue(
+                name=name, value=value, origin=_ORIGIN[origins[name]]
+            ).SerializeToString()
+            encoded = cache[key] = _FEATURES_TAG + _varint(len(body)) + body
+        parts.append(encoded)
+    return b"".join(parts)
+
+
 def feature_values(assembled: Assembled) -> list[scoring_pb2.FeatureValue]:
     origins = assembled.origins
     return [
@@ -142,7 +181,7 @@ class ScoringService(scoring_pb2_grpc.ScoringServiceServicer):
         )
         result = await self.engine.score(cmd)
         record = result.record
-        return scoring_pb2.ScoreResponse(
+        response = scoring_pb2.ScoreResponse(
             decision_id=record.decision_id,
             chosen_tip_id=record.chosen.tip_id,
             ranking=[
@@ -154,8 +193,9 @@ class ScoringService(scoring_pb2_grpc.ScoringServiceServicer):
             policy=record.policy,
             explored=record.explored,
             feature_version=record.feature_version,
-            features=feature_values(result.features),
         )
+        response.MergeFromString(feature_bytes(result.features))
+        return response
 
     async def Reward(
         self, request: scoring_pb2.RewardRequest, context: grpc.aio.ServicerContext[object, object]

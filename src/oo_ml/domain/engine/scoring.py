@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import replace
 
@@ -52,7 +51,7 @@ from oo_ml.domain.ports import (
     Store,
     Write,
 )
-from oo_ml.domain.rng import rng_for
+from oo_ml.domain.rng import DecisionIds, rng_for
 from oo_ml.errors import Conflict, FailedPrecondition, NotFound, Unavailable, UnknownPolicy
 
 log = logging.getLogger(__name__)
@@ -69,7 +68,7 @@ class ScoringEngine:
         contracts: Contracts,
         *,
         clock: Callable[[], float] = time.time,
-        decision_ids: Callable[[], str] = lambda: uuid.uuid4().hex,
+        decision_ids: Callable[[], str] | None = None,
     ) -> None:
         self.config = config
         self.store = store
@@ -77,7 +76,7 @@ class ScoringEngine:
         self.contracts = contracts
         self.clock = clock
         # Random ids in service; a seeded sequence replays a whole run (tests, simulation).
-        self.decision_ids = decision_ids
+        self.decision_ids = decision_ids or DecisionIds()
         self.policies: dict[str, Policy] = build_policies(config)
         for name in (config.default_policy, *config.shadow_policies):
             self.policy(name)  # fail at start-up, not at the first request
