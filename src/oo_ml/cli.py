@@ -66,9 +66,7 @@ def _simulate(ns: argparse.Namespace) -> int:
     log_policy = ns.log_policy or ("egreedy" if evaluate else None)
     try:
         report = simulate_and_evaluate(
-            SimulationConfig(
-                users=ns.users, rounds=ns.rounds, seed=ns.seed, last_rounds=ns.last
-            ),
+            SimulationConfig(users=ns.users, rounds=ns.rounds, seed=ns.seed, last_rounds=ns.last),
             names(ns.policies),
             config_mod.load().scoring,
             log_policy=log_policy,
