@@ -239,6 +239,7 @@ def test_serve_refuses_a_non_loopback_address_without_tls_or_token(
         capture_output=True,
         text=True,
         timeout=60,
+        check=False,
     )
     assert proc.returncode == 2, proc.stderr
     assert "refusing to serve on '0.0.0.0'" in proc.stderr
