@@ -51,7 +51,10 @@ def _port_when_up(proc: subprocess.Popen[bytes], ports_file: Path, log_file: Pat
     assert proc.poll() is None, f"nats-server exited: {log_file.read_text()}"
     if not ports_file.exists():
         return None
-    url = json.loads(ports_file.read_text())["nats"][0]
+    try:
+        url = json.loads(ports_file.read_text())["nats"][0]
+    except (ValueError, KeyError, IndexError):  # caught while being written
+        return None
     return int(url.rsplit(":", 1)[1])
 
 
