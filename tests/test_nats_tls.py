@@ -19,6 +19,7 @@ from oo_ml.ingest.runner import connection_options
 from tests.certs import CA
 from tests.conftest import ServerFactory
 from tests.helpers import assert_eventually
+from tests.natscreds import Operator
 from tests.natsfix import COMPLETED, configured_nats, feedback
 
 USER, PASSWORD = "oo-ml", "s3cret-pass"
@@ -73,10 +74,15 @@ authorization {{
         yield SecureNats(port, d / "nats-ca.crt", other.write(d), client_cert, client_key)
 
 
-async def test_ingest_over_tls_with_a_client_certificate_and_a_password(
-    server_factory: ServerFactory, secure_nats: SecureNats
+async def score_feedback_applied(
+    server_factory: ServerFactory,
+    env: dict[str, str],
+    publisher_url: str,
+    **publisher_options: object,
 ) -> None:
-    srv = await server_factory(secure_nats.env())
+    """Start oo-ml with env, wait for ingest, publish a feedback event for a Score's
+    decision from a separate client, and see the reward and the counters in Stats."""
+    srv = await server_factory(env)
     health = health_pb2_grpc.HealthStub(srv.channel)
 
     async def ingest_serving() -> None:
@@ -88,7 +94,7 @@ async def test_ingest_over_tls_with_a_client_certificate_and_a_password(
         user_id="u1", candidates=[pb.Candidate(tip_id=f"tip-{a}", arm=a) for a in ("a", "b")]
     )
     decision = (await srv.stub.Score(request)).decision_id
-    nc = await nats.connect(secure_nats.url(), tls=secure_nats.client_context())
+    nc = await nats.connect(publisher_url, **publisher_options)  # type: ignore[arg-type]
     try:
         await nc.jetstream().publish(
             "feedback.tip", feedback("fb-1", decision, COMPLETED).SerializeToString()
@@ -103,6 +109,60 @@ async def test_ingest_over_tls_with_a_client_certificate_and_a_password(
         assert server.ingest["applied"] >= 2 and server.ingest["published"] == 1
 
     await assert_eventually(applied)
+
+
+async def test_ingest_over_tls_with_a_client_certificate_and_a_password(
+    server_factory: ServerFactory, secure_nats: SecureNats
+) -> None:
+    await score_feedback_applied(
+        server_factory,
+        secure_nats.env(),
+        secure_nats.url(),
+        tls=secure_nats.client_context(),
+    )
+
+
+async def test_ingest_over_tls_with_a_creds_file_in_operator_mode(
+    server_factory: ServerFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    d = tmp_path / "pki"
+    ca = CA("nats-ca")
+    server_cert, server_key = ca.issue("nats", server=True)[0].write(d, "nats")
+    operator = Operator()
+    conf = f"""
+tls {{
+  cert_file: "{server_cert}"
+  key_file: "{server_key}"
+}}
+{operator.server_conf()}
+"""
+    creds = operator.user_creds(tmp_path / "creds" / "oo-ml.creds")
+    publisher_creds = operator.user_creds(tmp_path / "creds" / "publisher.creds", "publisher")
+    ca_file = ca.write(d)
+    async with configured_nats(tmp_path / "nats", conf) as port:
+        url = f"nats://127.0.0.1:{port}"
+        env = {
+            "OO_INGEST": "1",
+            "OO_NATS_URL": url,
+            "OO_NATS_CREDS_FILE": str(creds),
+            "OO_NATS_TLS_CA_FILE": str(ca_file),
+        }
+        await score_feedback_applied(
+            server_factory,
+            env,
+            url,
+            user_credentials=str(publisher_creds),
+            tls=ssl.create_default_context(cafile=str(ca_file)),
+        )
+        # A user of another operator is refused, and the reason is logged.
+        caplog.set_level(logging.WARNING, logger="oo_ml.ingest.runner")
+        stranger = Operator().user_creds(tmp_path / "creds" / "stranger.creds")
+        srv = await server_factory({**env, "OO_NATS_CREDS_FILE": str(stranger)})
+        resp = await health_pb2_grpc.HealthStub(srv.channel).Check(
+            health_pb2.HealthCheckRequest(service="oo.ingest")
+        )
+        assert resp.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert "authorization violation" in caplog.text.lower(), caplog.text
 
 
 @pytest.mark.parametrize("problem", ["wrong CA", "no client certificate", "wrong password"])
