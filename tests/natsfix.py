@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
+import subprocess
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -12,7 +15,7 @@ from google.protobuf import json_format
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from oo.events.v1 import envelope_pb2, signals_pb2
-from oo_ml.ingest.nats_server import LocalNatsServer
+from oo_ml.ingest.nats_server import LocalNatsServer, nats_server_binary
 
 COMPLETED = signals_pb2.TIP_ACTION_COMPLETED
 DISMISSED = signals_pb2.TIP_ACTION_DISMISSED
@@ -28,6 +31,47 @@ async def running_nats(store_dir: Path) -> AsyncIterator[LocalNatsServer]:
         yield server
     finally:
         server.kill()
+
+
+def _spawn_configured(store_dir: Path, conf: str) -> tuple[subprocess.Popen[bytes], Path, Path]:
+    store_dir.mkdir(parents=True, exist_ok=True)
+    conf_file = store_dir / "nats.conf"
+    conf_file.write_text(conf)
+    ports_dir = store_dir / "ports"
+    ports_dir.mkdir(exist_ok=True)
+    log_file = store_dir / "nats-server.log"
+    args = [nats_server_binary(), "-c", str(conf_file), "-js", "-sd", str(store_dir)]
+    args += ["-a", "127.0.0.1", "-p", "-1", "--ports_file_dir", str(ports_dir), "-l", str(log_file)]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return proc, ports_dir / f"nats-server_{proc.pid}.ports", log_file
+
+
+def _port_when_up(proc: subprocess.Popen[bytes], ports_file: Path, log_file: Path) -> int | None:
+    """The client port once the ports file is there; None while it is not."""
+    assert proc.poll() is None, f"nats-server exited: {log_file.read_text()}"
+    if not ports_file.exists():
+        return None
+    try:
+        url = json.loads(ports_file.read_text())["nats"][0]
+    except (ValueError, KeyError, IndexError):  # caught while being written
+        return None
+    return int(url.rsplit(":", 1)[1])
+
+
+@asynccontextmanager
+async def configured_nats(store_dir: Path, conf: str) -> AsyncIterator[int]:
+    """nats-server -c <conf> with JetStream on 127.0.0.1 and a free port (yielded); for
+    settings that need a config file (`tls {}`, `authorization {}`). Killed at exit."""
+    proc, ports_file, log_file = _spawn_configured(store_dir, conf)
+    try:
+        deadline = time.monotonic() + 10
+        while (port := _port_when_up(proc, ports_file, log_file)) is None:
+            assert time.monotonic() < deadline, "nats-server did not start"
+            await asyncio.sleep(0.02)
+        yield port
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def timestamp(t: float | None = None) -> Timestamp:

@@ -15,6 +15,7 @@ from oo_ml.errors import OoError
 
 def _serve(ns: argparse.Namespace) -> int:
     from oo_ml.app.supervisor import serve
+    from oo_ml.app.tls import exposure_problem
 
     try:
         cfg = config_mod.load(flags=ns)
@@ -25,6 +26,11 @@ def _serve(ns: argparse.Namespace) -> int:
         from dataclasses import replace
 
         cfg = replace(cfg, ingest=replace(cfg.ingest, enabled=False))
+    # Protected mode: checked again by App.start, here before anything starts.
+    problem = exposure_problem(cfg.server)
+    if problem is not None:
+        print(f"oo-ml: {problem}", file=sys.stderr)
+        return 2
     try:
         asyncio.run(serve(cfg))
     except (OoError, ValueError) as e:  # e.g. an unknown default policy or prompt version

@@ -54,6 +54,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "float | None": _parse_optional_float,
     "tuple[str, ...]": _parse_csv,
     "str | None": lambda raw: raw or None,
+    "Path | None": lambda raw: Path(raw) if raw.strip() else None,
     "int | None": lambda raw: int(raw) if raw.strip() else None,
 }
 
@@ -89,6 +90,31 @@ class ServerConfig:
         "OO_METRICS_PORT",
         "Port of the plain-HTTP /metrics endpoint (Prometheus text); unset: off.",
     )
+    tls_cert_file: Path | None = setting(
+        None,
+        "OO_TLS_CERT_FILE",
+        "PEM certificate chain of the gRPC port; with OO_TLS_KEY_FILE turns TLS on."
+        " Re-read when it changes, no restart needed.",
+    )
+    tls_key_file: Path | None = setting(
+        None, "OO_TLS_KEY_FILE", "PEM private key of OO_TLS_CERT_FILE (both or neither)."
+    )
+    tls_client_ca_file: Path | None = setting(
+        None,
+        "OO_TLS_CLIENT_CA_FILE",
+        "PEM CA bundle; set, every client must present a certificate it signed (mTLS)."
+        " Needs TLS on.",
+    )
+    insecure: bool = setting(
+        False,
+        "OO_INSECURE",
+        "Allow a non-loopback OO_HOST without TLS or without OO_AUTH_TOKEN (refused otherwise).",
+        "--insecure",
+    )
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert_file is not None and self.tls_key_file is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,6 +228,28 @@ class IngestConfig:
     max_deliver: int = setting(
         5, "OO_INGEST_MAX_DELIVER", "Deliveries before a message is dead-lettered."
     )
+    nats_creds_file: Path | None = setting(
+        None,
+        "OO_NATS_CREDS_FILE",
+        "NATS credentials file (user JWT and nkey seed) for OO_NATS_URL.",
+    )
+    nats_tls_ca_file: Path | None = setting(
+        None,
+        "OO_NATS_TLS_CA_FILE",
+        "PEM CA bundle that verifies OO_NATS_URL's certificate (unset: the system's CAs).",
+    )
+    nats_tls_cert_file: Path | None = setting(
+        None,
+        "OO_NATS_TLS_CERT_FILE",
+        "PEM client certificate for NATS mutual TLS (with OO_NATS_TLS_KEY_FILE).",
+    )
+    nats_tls_key_file: Path | None = setting(
+        None, "OO_NATS_TLS_KEY_FILE", "PEM private key of OO_NATS_TLS_CERT_FILE."
+    )
+
+    @property
+    def nats_tls(self) -> bool:
+        return self.nats_tls_ca_file is not None or self.nats_tls_cert_file is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -288,6 +336,22 @@ class Config:
             problems.append("OO_INGEST_BATCH must be at least 100")
         if self.ingest.max_deliver < 2:
             problems.append("OO_INGEST_MAX_DELIVER must be >= 2")
+        srv, ing = self.server, self.ingest
+        if (srv.tls_cert_file is None) != (srv.tls_key_file is None):
+            problems.append("OO_TLS_CERT_FILE and OO_TLS_KEY_FILE go together: set both or neither")
+        if srv.tls_client_ca_file is not None and not srv.tls:
+            problems.append(
+                "OO_TLS_CLIENT_CA_FILE needs TLS: set OO_TLS_CERT_FILE and OO_TLS_KEY_FILE"
+            )
+        if (ing.nats_tls_cert_file is None) != (ing.nats_tls_key_file is None):
+            problems.append(
+                "OO_NATS_TLS_CERT_FILE and OO_NATS_TLS_KEY_FILE go together: set both or neither"
+            )
+        if ing.nats_url is None and (ing.nats_tls or ing.nats_creds_file is not None):
+            problems.append(
+                "OO_NATS_CREDS_FILE and OO_NATS_TLS_* need OO_NATS_URL"
+                " (the local nats-server has no TLS or credentials)"
+            )
         if self.llm.concurrency < 1 or self.llm.retries < 0:
             problems.append("OO_LLM_CONCURRENCY must be >= 1 and OO_LLM_RETRIES >= 0")
         if problems:
@@ -314,13 +378,13 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     """Add one flag per leaf that declares one; help shows the env variable and default."""
     for _section, _cls, f in _leaves():
         flag = f.metadata["flag"]
-        if flag:
-            parser.add_argument(
-                flag,
-                dest=f.name,
-                default=None,
-                help=f"{f.metadata['help']} Env {f.metadata['env']}; default {_show(f.default)}.",
-            )
+        if not flag:
+            continue
+        help_ = f"{f.metadata['help']} Env {f.metadata['env']}; default {_show(f.default)}."
+        if str(f.type) == "bool":  # a switch: present means true
+            parser.add_argument(flag, dest=f.name, action="store_const", const="true", help=help_)
+        else:
+            parser.add_argument(flag, dest=f.name, default=None, help=help_)
 
 
 def load(env: Mapping[str, str] | None = None, flags: argparse.Namespace | None = None) -> Config:

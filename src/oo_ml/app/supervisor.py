@@ -31,6 +31,7 @@ from grpc_reflection.v1alpha import reflection
 
 from oo.scoring.v1 import scoring_pb2, scoring_pb2_grpc
 from oo_ml.app.metrics import Metrics, MetricsEndpoint
+from oo_ml.app.tls import CertificateFiles, exposure_problem, server_credentials
 from oo_ml.config import Config
 from oo_ml.domain.engine import ScoringEngine
 from oo_ml.domain.features import FeatureStore, NoStoredFeatures, NoTasks, TaskSource
@@ -69,9 +70,17 @@ class App:
     _stopped: bool = False
     metrics: Metrics = field(default_factory=Metrics)
     _metrics_endpoint: MetricsEndpoint | None = None
+    tls_files: CertificateFiles | None = None
 
     async def start(self) -> int:
         cfg = self.config
+        problem = exposure_problem(cfg.server)
+        if problem is not None:
+            raise ValueError(problem)
+        if cfg.server.insecure:
+            log.warning("OO_INSECURE is set: the protected-mode check is off")
+        # Read and check the certificate before anything opens: a bad one fails the start.
+        tls = server_credentials(cfg.server)
         max_candidates = cfg.scoring.max_candidates or MAX_CANDIDATES
         if cfg.scoring.max_arms < max_candidates:
             raise ValueError(
@@ -126,7 +135,12 @@ class App:
             ),
             server,
         )
-        self.port = server.add_insecure_port(f"{cfg.server.host}:{cfg.server.port}")
+        address = f"{cfg.server.host}:{cfg.server.port}"
+        if tls is None:
+            self.port = server.add_insecure_port(address)
+        else:
+            creds, self.tls_files = tls
+            self.port = server.add_secure_port(address, creds)
         if self.port == 0:
             raise OSError(f"cannot bind {cfg.server.host}:{cfg.server.port}")
         self.metrics.gauges(lambda: _engine_gauges(engine))
@@ -142,7 +156,10 @@ class App:
         for name in ("", SERVICE, UPKEEP_HEALTH):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._bg = asyncio.create_task(self._run_upkeep(), name="oo-upkeep")
-        log.info("oo-ml listening on %s:%d", cfg.server.host, self.port)
+        mode = "plaintext"
+        if cfg.server.tls:
+            mode = "mTLS" if cfg.server.tls_client_ca_file is not None else "TLS"
+        log.info("oo-ml listening on %s:%d (%s)", cfg.server.host, self.port, mode)
         return self.port
 
     async def _run_upkeep(self) -> None:

@@ -11,7 +11,9 @@ NATS: OO_NATS_URL, or else a nats-server child with JetStream on a free loopback
 its store under <data dir>/nats (restarted if it dies, stopped last). The client
 reconnects forever by itself. `start()` waits a few seconds for the first connection and
 setup: a stream that cannot serve fails start-up with `IncompatibleStream`; a server that
-is not reachable yet does not, and ingest starts when it is.
+is not reachable yet does not, and ingest starts when it is. OO_NATS_CREDS_FILE and
+OO_NATS_TLS_* give the connection its credentials and TLS (`connection_options`); a TLS or
+authorization failure is logged at each attempt, like an unreachable server.
 
 Health entry `oo.ingest`: SERVING while connected with both consumers fetching,
 NOT_SERVING otherwise. Score never waits on NATS: features come from SQLite and serve
@@ -28,6 +30,7 @@ import contextlib
 import functools
 import inspect
 import logging
+import ssl
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
@@ -37,7 +40,7 @@ from grpc_health.v1 import health_pb2
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 
-from oo_ml.config import Config
+from oo_ml.config import Config, IngestConfig
 from oo_ml.domain.engine import DecisionListener, RewardResult
 from oo_ml.domain.ports import ProfileStore
 from oo_ml.errors import IncompatibleStream
@@ -85,6 +88,23 @@ class IngestTuning:
     """How often event ids past the dedupe window and buckets past 30 days are deleted."""
     drain_s: float = 5.0
     """At stop, how long queued serve signals may take to be published."""
+
+
+def connection_options(settings: IngestConfig) -> dict[str, Any]:
+    """Credentials and TLS of the NATS connection (OO_NATS_CREDS_FILE, OO_NATS_TLS_*).
+
+    A CA file or a client certificate turns TLS on: the server's certificate is checked
+    against the CA file (else the system's CAs) and the URL's host name."""
+    options: dict[str, Any] = {}
+    if settings.nats_creds_file is not None:
+        options["user_credentials"] = str(settings.nats_creds_file)
+    if settings.nats_tls:
+        ca = settings.nats_tls_ca_file
+        context = ssl.create_default_context(cafile=str(ca) if ca is not None else None)
+        if settings.nats_tls_cert_file is not None and settings.nats_tls_key_file is not None:
+            context.load_cert_chain(settings.nats_tls_cert_file, settings.nats_tls_key_file)
+        options["tls"] = context
+    return options
 
 
 class Ingest:
@@ -236,6 +256,7 @@ class Ingest:
         self._nc = nc = Client()
         await nc.connect(
             url,
+            **connection_options(self.settings),
             name="oo-ml-ingest",
             max_reconnect_attempts=-1,
             reconnect_time_wait=self.tuning.reconnect_wait_s,
