@@ -15,6 +15,8 @@ Parts (`--only`, comma-separated; all but rss by default, `--with-rss` adds it):
            client, 16 in flight, distinct decisions), and Stats, at 16 connections, with echo
   latency  Score p50/p99 at half of echo's max QPS (4 connections, rate-limited)
   profile  py-spy of oo-ml under Score load (SVG plus the top frames by own time)
+  disk     bytes a logged decision (ten candidates) takes on disk, indexes included, read
+           from SQLite's own pages (dbstat) in the measured server's file
   rss      oo-ml's RSS with 100,000 users' state (filling them takes 3.5 min at the
            current server's ~450 Score/s, hence behind a flag)
 
@@ -34,6 +36,7 @@ import platform
 import re
 import shlex
 import signal
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -70,7 +73,7 @@ TARGET_ORDER = [
     "oo-ml (h2load, repeat)",
     "oo-ml fresh (grpc.aio)",
 ]
-ALL_PARTS = ("score", "reward", "latency", "profile", "rss")
+ALL_PARTS = ("score", "reward", "latency", "profile", "disk", "rss")
 CANDIDATES = 10
 SERVED = "egreedy-v2"
 SHADOWS = "linucb,lints"
@@ -772,6 +775,40 @@ class Bench:
         self.extra["profile_top"] = top_frames(raw.read_text(), 15)
         self.extra["profile_files"] = [str(p.relative_to(ROOT)) for p in (svg, raw) if p.exists()]
 
+    def part_disk(self) -> None:
+        self.attempt("disk", self._disk)
+
+    def _disk(self) -> None:
+        oo = self.server("oo-ml")
+        assert oo.data_dir is not None
+        # Every decision answered so far is committed first (Stats flushes the log).
+        grpc_many(oo.addr, SERVICE + "Stats", [stats_request(0)], 1)
+        db = Path(oo.data_dir.name) / "oo-ml.db"
+        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
+        try:
+            rows = conn.execute("SELECT count(*) FROM decisions").fetchone()[0]
+            tables = (
+                "decisions",
+                "sqlite_autoindex_decisions_1",
+                "decisions_user",
+                "decisions_policy",
+                "decisions_pending",
+                "decision_shadows",
+            )
+            marks = ",".join("?" * len(tables))
+            used = conn.execute(
+                f"SELECT sum(pgsize - unused) FROM dbstat WHERE name IN ({marks})", tables
+            ).fetchone()[0]
+        finally:
+            conn.close()
+        self.extra["disk"] = {
+            "decisions": rows,
+            "bytes": used,
+            "bytes_per_decision": used / rows if rows else 0.0,
+            "candidates": len(candidates()),
+        }
+        print(f"  disk: {self.extra['disk']}", flush=True)
+
     def part_rss(self) -> None:
         self.attempt("rss", self._rss)
 
@@ -935,6 +972,16 @@ def targets(b: Bench, ms: list[Measurement]) -> list[dict[str, Any]]:
     if sh and oo4:
         r = sh / oo4
         add("Score QPS with two shadows / without", r, ">= 0.9", r >= 0.9, f"{sh:.0f} / {oo4:.0f}")
+    disk = b.extra.get("disk")
+    if disk and disk["decisions"]:
+        per = disk["bytes_per_decision"]
+        add(
+            f"bytes a decision of {disk['candidates']} candidates takes on disk",
+            per,
+            "<= 512",
+            per <= 512,
+            f"{disk['bytes']:,} bytes over {disk['decisions']:,} decisions (dbstat)",
+        )
     rss = b.extra.get("rss")
     if rss:
         limit = rss["state_cache_mb"] + 250

@@ -194,7 +194,17 @@ async def test_default_reward_can_be_switched_off(server_factory: ServerFactory)
         {"OO_REWARD_WINDOW_S": "0.1", "OO_DEFAULT_REWARD": "off", "OO_SWEEP_INTERVAL_S": "0.05"}
     )
     await srv.stub.Score(score_request())
-    await asyncio.sleep(0.4)
+    assert srv.app.engine is not None
+    sweep = next(j for j in srv.app.engine.upkeep.status() if j.name == "sweep")
+    runs_before = sweep.runs
+
+    async def swept_past_the_window() -> None:
+        # Runs that started after the decision's window closed: the sweeper did look.
+        assert sweep.runs >= runs_before + 3 and sweep.failures_total == 0
+
+    await asyncio.sleep(0.15)  # past the 0.1 s window
+    runs_before = sweep.runs
+    await assert_eventually(swept_past_the_window, 5)
     stats = await srv.stub.Stats(pb.StatsRequest(user_id="u1"))
     assert stats.rewarded == 0 and stats.pending == 1
 
