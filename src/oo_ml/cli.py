@@ -226,6 +226,60 @@ def _gate(ns: argparse.Namespace) -> int:
     return 0 if decision.promote else 1
 
 
+def _migrate(ns: argparse.Namespace) -> int:
+    from oo_ml.app.supervisor import DB_FILE
+    from oo_ml.domain.migration import MigrationReport, migrate_states
+    from oo_ml.domain.policies import build_policies
+    from oo_ml.stores.sqlite.scoring import SqliteStore
+
+    try:
+        cfg = config_mod.load(flags=ns)
+    except ValueError as e:
+        print(f"oo-ml migrate: bad configuration: {e}", file=sys.stderr)
+        return 2
+    policies = build_policies(cfg.scoring)
+    unknown = [p for p in (ns.from_policy, ns.to_policy) if p not in policies]
+    if unknown:
+        print(
+            f"oo-ml migrate: unknown policies {unknown}; known: {sorted(policies)}", file=sys.stderr
+        )
+        return 2
+    path = cfg.server.data_dir / DB_FILE
+    if not path.exists():
+        print(f"oo-ml migrate: no state store at {path}", file=sys.stderr)
+        return 2
+
+    def progress(r: MigrationReport) -> None:
+        print(f"  ... up to {r.last_user!r}: {r.migrated} migrated, {r.skipped} skipped")
+
+    async def run() -> MigrationReport:
+        store = SqliteStore.open(path)
+        try:
+            return await migrate_states(
+                store,
+                ns.from_policy,
+                ns.to_policy,
+                policies[ns.to_policy].feature_version,
+                page=ns.page,
+                on_page=progress,
+            )
+        finally:
+            await store.close()
+
+    try:
+        report = asyncio.run(run())
+    except (OoError, ValueError) as e:
+        print(f"oo-ml migrate: {e}", file=sys.stderr)
+        return 2
+    resumed = f" (resumed after {report.resumed_after!r})" if report.resumed_after else ""
+    print(
+        f"migrated {ns.from_policy} -> {ns.to_policy} ({report.feature_version}){resumed}:"
+        f" {report.migrated} migrated, {report.skipped} skipped (already had a"
+        f" {ns.to_policy} state), {report.unreadable} unreadable"
+    )
+    return 0 if report.unreadable == 0 else 1
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="oo-ml", description="oO tips scoring server")
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
@@ -334,6 +388,21 @@ def parser() -> argparse.ArgumentParser:
         help="JSONL file every verdict is appended to ('' to record nothing)",
     )
     gate_cmd.set_defaults(func=_gate)
+    migrate = sub.add_parser(
+        "migrate",
+        help="copy every user's model from one policy to another, padded (resumable)",
+        description="One pass over the SQLite state store (OO_DATA_DIR): every user's --from"
+        " state is padded to --to's feature version (new coefficients start at 0) and written"
+        " under --to with compare-and-set; users who already have a --to state are skipped,"
+        " so a re-run is idempotent, and an interrupted run resumes after the last page done."
+        " Exit 0: done; 1: some states did not decode; 2: bad arguments.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    migrate.add_argument("--from", dest="from_policy", required=True, help="source policy")
+    migrate.add_argument("--to", dest="to_policy", required=True, help="target policy")
+    migrate.add_argument("--data-dir", dest="data_dir", default=None, help="env OO_DATA_DIR")
+    migrate.add_argument("--page", type=int, default=500, help="users a transaction page")
+    migrate.set_defaults(func=_migrate)
     return p
 
 

@@ -142,6 +142,25 @@ class StateStore(Protocol):
         ...
 
 
+class MigrationStore(StateStore, Protocol):
+    """What `oo-ml migrate` needs: states paged in user order, and a resumable cursor."""
+
+    async def states_after(
+        self, policy: str, after_user: str, limit: int
+    ) -> list[tuple[str, StoredState | None]]:
+        """Up to `limit` states of `policy` with user_id > after_user, in user_id order;
+        None for one that does not decode."""
+        ...
+
+    async def migration_cursor(self, from_policy: str, to_policy: str) -> str:
+        """The last user done by the (from, to) migration; "" before the first."""
+        ...
+
+    async def set_migration_cursor(
+        self, from_policy: str, to_policy: str, user_id: str
+    ) -> None: ...
+
+
 class Store(StateStore, Protocol):
     async def commit(self, writes: Sequence[Write]) -> dict[tuple[str, str], int]:
         """Apply every write atomically and durably; raise Conflict if any condition fails.

@@ -122,6 +122,16 @@ MIGRATIONS: list[str] = [
         data BLOB NOT NULL
     ) WITHOUT ROWID;
     """,
+    # `oo-ml migrate`: the last user done of each (from, to) state migration, to resume.
+    """
+    CREATE TABLE state_migrations (
+        from_policy TEXT NOT NULL,
+        to_policy TEXT NOT NULL,
+        last_user_id TEXT NOT NULL,
+        updated_at REAL NOT NULL,
+        PRIMARY KEY (from_policy, to_policy)
+    ) WITHOUT ROWID;
+    """,
 ]
 
 
@@ -302,6 +312,53 @@ class SqliteStore:
             return states
 
         return await self.db.read(q)
+
+    async def states_after(
+        self, policy: str, after_user: str, limit: int
+    ) -> list[tuple[str, StoredState | None]]:
+        """One page of a policy's states in user_id order, strictly after `after_user`
+        ("" for the first page): (user, state and revision), None for a state that does not
+        decode."""
+
+        def q(conn: sqlite3.Connection) -> list[tuple[str, StoredState | None]]:
+            rows = conn.execute(
+                "SELECT user_id, revision, data FROM state WHERE policy = ? AND user_id > ?"
+                " ORDER BY user_id LIMIT ?",
+                (policy, after_user, limit),
+            ).fetchall()
+            page: list[tuple[str, StoredState | None]] = []
+            for user_id, revision, data in rows:
+                try:
+                    page.append((user_id, StoredState(revision, decode_state(data))))
+                except UnreadableRecord as e:
+                    log.warning("state of %r under %r unreadable: %s", user_id, policy, e)
+                    page.append((user_id, None))
+            return page
+
+        return await self.db.read(q)
+
+    async def migration_cursor(self, from_policy: str, to_policy: str) -> str:
+        """The last user a (from, to) migration finished ("" when it has not started)."""
+
+        def q(conn: sqlite3.Connection) -> str:
+            row = conn.execute(
+                "SELECT last_user_id FROM state_migrations WHERE from_policy = ? AND to_policy = ?",
+                (from_policy, to_policy),
+            ).fetchone()
+            return str(row[0]) if row else ""
+
+        return await self.db.read(q)
+
+    async def set_migration_cursor(self, from_policy: str, to_policy: str, user_id: str) -> None:
+        def tx(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT INTO state_migrations (from_policy, to_policy, last_user_id, updated_at)"
+                " VALUES (?, ?, ?, ?) ON CONFLICT (from_policy, to_policy) DO UPDATE SET"
+                " last_user_id = excluded.last_user_id, updated_at = excluded.updated_at",
+                (from_policy, to_policy, user_id, time.time()),
+            )
+
+        await self.db.run(tx)
 
     async def set_aside(self, decision_id: str, reason: str) -> None:
         def tx(conn: sqlite3.Connection) -> None:
