@@ -280,6 +280,33 @@ def _migrate(ns: argparse.Namespace) -> int:
     return 0 if report.unreadable == 0 else 1
 
 
+def _cards(ns: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from oo_ml import gate_history
+    from oo_ml.cards import render_cards
+    from oo_ml.config import ScoringConfig
+    from oo_ml.schema.contracts import ALL_FEATURES
+
+    # The defaults, not the environment: a card describes the policy as shipped.
+    cards = render_cards(ScoringConfig(), ALL_FEATURES, gate_history.read(ns.history))
+    out = Path(ns.out)
+    if ns.check:
+        stale = [
+            name
+            for name, text in cards.items()
+            if not (out / name).exists() or (out / name).read_text(encoding="utf-8") != text
+        ]
+        for name in stale:
+            print(f"stale: {out / name} (run oo-ml cards)")
+        return 1 if stale else 0
+    out.mkdir(parents=True, exist_ok=True)
+    for name, text in cards.items():
+        (out / name).write_text(text, encoding="utf-8")
+        print(f"wrote {out / name}")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="oo-ml", description="oO tips scoring server")
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
@@ -403,6 +430,18 @@ def parser() -> argparse.ArgumentParser:
     migrate.add_argument("--data-dir", dest="data_dir", default=None, help="env OO_DATA_DIR")
     migrate.add_argument("--page", type=int, default=500, help="users a transaction page")
     migrate.set_defaults(func=_migrate)
+    cards = sub.add_parser(
+        "cards",
+        help="write a policy card per policy (inputs, offline metrics, fairness, rollout)",
+        description="Write <out>/<policy>.md for every policy from the code (default knobs),"
+        " a small seeded simulation and the gate history. --check: exit 1 when a committed"
+        " card is not what the code would write.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    cards.add_argument("--out", default=str(DEFAULT_HISTORY.parent), help="folder of the cards")
+    cards.add_argument("--history", default=str(DEFAULT_HISTORY), help="gate history (JSONL)")
+    cards.add_argument("--check", action="store_true", help="compare instead of writing")
+    cards.set_defaults(func=_cards)
     return p
 
 

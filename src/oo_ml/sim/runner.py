@@ -149,7 +149,11 @@ def _run_oracle(world: World) -> PolicyResult:
 
 
 def _run_policy(
-    world: World, policy: Policy, ridge_lambda: float, log: list[LoggedDecision] | None
+    world: World,
+    policy: Policy,
+    ridge_lambda: float,
+    log: list[LoggedDecision] | None,
+    values: FloatArray | None = None,
 ) -> PolicyResult:
     cfg = world.config
     fv = FEATURE_VERSIONS[policy.feature_version]
@@ -183,6 +187,8 @@ def _run_policy(
                 propensities=sel.propensities,
                 explored=sel.explored,
             )
+            if values is not None:
+                values[r, u] = float(np.dot(sel.propensities, world.p[r, u]))
             if log is not None:
                 log.append(
                     LoggedDecision(
@@ -232,6 +238,23 @@ def simulate(
         log_policy=log_policy,
         log=tuple(log),
     )
+
+
+def simulate_values(
+    config: SimulationConfig, policies: Sequence[str], scoring: ScoringConfig | None = None
+) -> tuple[World, dict[str, PolicyResult], dict[str, FloatArray]]:
+    """Like `simulate`, plus each policy's value at every decision, (rounds, users) (NaN
+    before a user joins): sum_a pi(a|x) p(a|x), for per-segment reports (policy cards)."""
+    scoring = scoring or ScoringConfig()
+    built = _policies(list(dict.fromkeys(policies)), scoring)
+    world = make_world(config)
+    results: dict[str, PolicyResult] = {}
+    values: dict[str, FloatArray] = {}
+    for name, p in built.items():
+        v = np.full((config.rounds, config.users), np.nan)
+        results[name] = _run_policy(world, p, scoring.ridge_lambda, None, v)
+        values[name] = v
+    return world, results, values
 
 
 # -- off-policy evaluation on the log ----------------------------------------------------
