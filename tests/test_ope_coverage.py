@@ -93,3 +93,25 @@ def test_snips_interval_is_nan_without_the_squared_sums() -> None:
     )
     assert est.snips == pytest.approx(0.4)
     assert math.isnan(est.snips_ci_low) and math.isnan(est.snips_ci_high)
+
+
+def test_server_totals_give_the_snips_interval_only_when_they_cover_every_sample() -> None:
+    from oo_ml.domain.engine.reports import shadow_report
+    from oo_ml.domain.ports import OffPolicyTotals
+
+    w = np.array([0.5, 2.0, 1.0, 4.0])
+    r = np.array([1.0, 0.0, 1.0, 1.0])
+    full = OffPolicyTotals(
+        "s", 4, float(w.sum()), float(w @ r), 2.0, 1.5, 3.0, 4,
+        float(w @ w), float((w * w) @ r), float((w * w) @ (r * r)),
+    )  # fmt: skip
+    est = shadow_report(full)
+    snips = float(w @ r / w.sum())
+    se = math.sqrt(float(((w * (r - snips)) ** 2).sum())) / float(w.sum())
+    assert est.snips_ci_low == pytest.approx(snips - ope.Z95 * se)
+    assert est.snips_ci_high == pytest.approx(snips + ope.Z95 * se)
+    # Totals from before the squared sums were kept (sq_n < n): no interval.
+    from dataclasses import replace
+
+    old = shadow_report(replace(full, sq_n=1))
+    assert math.isnan(old.snips_ci_low) and old.snips == pytest.approx(snips)

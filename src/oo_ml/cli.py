@@ -196,7 +196,8 @@ def _gate(ns: argparse.Namespace) -> int:
     )
     print(
         f"{shadow.policy} behind {stats.policy}: samples {shadow.samples}, IPS {shadow.ips:.4f},"
-        f" SNIPS {shadow.snips:.4f}, DR {shadow.dr:.4f}"
+        f" SNIPS {shadow.snips:.4f} [{shadow.snips_ci_low:.4f}, {shadow.snips_ci_high:.4f}],"
+        f" DR {shadow.dr:.4f}"
         f" [{shadow.dr_ci_low:.4f}, {shadow.dr_ci_high:.4f}], served mean {shadow.served_mean:.4f}"
     )
     print(decision.reason)
@@ -213,6 +214,7 @@ def _gate(ns: argparse.Namespace) -> int:
             "samples": shadow.samples,
             "ips": shadow.ips,
             "snips": shadow.snips,
+            "snips_ci": [shadow.snips_ci_low, shadow.snips_ci_high],
             "dr": shadow.dr,
             "dr_ci": [shadow.dr_ci_low, shadow.dr_ci_high],
             "served_mean": shadow.served_mean,

@@ -116,6 +116,11 @@ class OffPolicyTotals:
     dr_sum: float
     dr_sq_sum: float
     reward_sum: float
+    sq_n: int = 0
+    """Samples the squared-weight sums below cover (< n for totals older than them)."""
+    weight_sq_sum: float = 0.0
+    weight_sq_reward_sum: float = 0.0
+    weight_sq_reward_sq_sum: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)

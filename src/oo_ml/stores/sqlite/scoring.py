@@ -132,6 +132,14 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (from_policy, to_policy)
     ) WITHOUT ROWID;
     """,
+    # SNIPS's CI (ADR 0015): the squared-weight sums, and how many samples they cover
+    # (rows from before this migration have sq_n < n and report no SNIPS interval).
+    """
+    ALTER TABLE off_policy ADD COLUMN sq_n INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE off_policy ADD COLUMN weight_sq_sum REAL NOT NULL DEFAULT 0;
+    ALTER TABLE off_policy ADD COLUMN weight_sq_reward_sum REAL NOT NULL DEFAULT 0;
+    ALTER TABLE off_policy ADD COLUMN weight_sq_reward_sq_sum REAL NOT NULL DEFAULT 0;
+    """,
 ]
 
 
@@ -191,13 +199,29 @@ def _apply(conn: sqlite3.Connection, w: Write, revisions: dict[tuple[str, str], 
         case AddOffPolicy(served, shadow, weight, reward, dr):
             conn.execute(
                 "INSERT INTO off_policy (served, shadow, n, weight_sum, weighted_reward_sum, dr_sum,"
-                " dr_sq_sum, reward_sum) VALUES (?, ?, 1, ?, ?, ?, ?, ?)"
+                " dr_sq_sum, reward_sum, sq_n, weight_sq_sum, weight_sq_reward_sum,"
+                " weight_sq_reward_sq_sum) VALUES (?, ?, 1, ?, ?, ?, ?, ?, 1, ?, ?, ?)"
                 " ON CONFLICT (served, shadow) DO UPDATE SET n = n + 1,"
                 " weight_sum = weight_sum + excluded.weight_sum,"
                 " weighted_reward_sum = weighted_reward_sum + excluded.weighted_reward_sum,"
                 " dr_sum = dr_sum + excluded.dr_sum, dr_sq_sum = dr_sq_sum + excluded.dr_sq_sum,"
-                " reward_sum = reward_sum + excluded.reward_sum",
-                (served, shadow, weight, weight * reward, dr, dr * dr, reward),
+                " reward_sum = reward_sum + excluded.reward_sum, sq_n = sq_n + 1,"
+                " weight_sq_sum = weight_sq_sum + excluded.weight_sq_sum,"
+                " weight_sq_reward_sum = weight_sq_reward_sum + excluded.weight_sq_reward_sum,"
+                " weight_sq_reward_sq_sum ="
+                " weight_sq_reward_sq_sum + excluded.weight_sq_reward_sq_sum",
+                (
+                    served,
+                    shadow,
+                    weight,
+                    weight * reward,
+                    dr,
+                    dr * dr,
+                    reward,
+                    weight * weight,
+                    weight * weight * reward,
+                    weight * weight * reward * reward,
+                ),
             )
 
 
@@ -411,8 +435,9 @@ class SqliteStore:
             return [
                 OffPolicyTotals(*r)
                 for r in conn.execute(
-                    "SELECT shadow, n, weight_sum, weighted_reward_sum, dr_sum, dr_sq_sum, reward_sum"
-                    " FROM off_policy WHERE served = ? ORDER BY shadow",
+                    "SELECT shadow, n, weight_sum, weighted_reward_sum, dr_sum, dr_sq_sum,"
+                    " reward_sum, sq_n, weight_sq_sum, weight_sq_reward_sum,"
+                    " weight_sq_reward_sq_sum FROM off_policy WHERE served = ? ORDER BY shadow",
                     (served,),
                 )
             ]
