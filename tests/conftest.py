@@ -70,3 +70,13 @@ def oo_ml_bin() -> str:
 def clean_env() -> dict[str, str]:
     """The environment for server subprocesses, without any OO_* leaking in."""
     return {k: v for k, v in os.environ.items() if not k.startswith("OO_")}
+
+
+@pytest.fixture(autouse=True)
+def _gate_history_in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`oo-ml gate` appends every verdict to docs/policies/gate-history.jsonl by default;
+    tests that leave out --history write to a temporary file instead, so a test run never
+    changes the committed history (and with it the policy cards)."""
+    from oo_ml import cli
+
+    monkeypatch.setattr(cli, "DEFAULT_HISTORY", tmp_path / "gate-history.jsonl")

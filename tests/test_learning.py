@@ -21,6 +21,7 @@ from tests.conftest import Running
 ARMS = ["focus", "break", "plan", "review"]
 ROUNDS, LAST = 1000, 200
 EPSILON = 0.1  # the egreedy default
+MIN_EXPLORATION = 0.05  # the OO_MIN_EXPLORATION default
 # What the engine test below measures, deterministically, for egreedy's greedy choice on
 # this world after ROUNDS rounds; the gRPC test relies on it.
 GREEDY_ACCURACY = 0.95
@@ -87,10 +88,13 @@ async def test_default_policy_learns_the_hour_dependent_best_arm_over_grpc(serve
             pb.RewardRequest(decision_id=resp.decision_id, reward=reward_for(arm, hour, rnd))
         )
     # The server's decision ids are random, so its exploration is too: the best-arm rate
-    # of a learned egreedy is (1 - eps) * accuracy + eps / K, give or take the binomial
-    # spread over LAST rounds. 3.5 sd below it, a learning server fails one run in ~4,000;
-    # a random one (25%) sits 14 sd below the threshold and never passes.
-    p = (1 - EPSILON) * GREEDY_ACCURACY + EPSILON / len(ARMS)
+    # of a learned egreedy is (1 - eps) * accuracy + eps / K, and with the minimum
+    # exploration m mixed in (ADR 0014), (1 - m) times that + m / K, give or take the
+    # binomial spread over LAST rounds. 3.5 sd below it, a learning server fails one run
+    # in ~4,000; a random one (25%) sits 13 sd below the threshold and never passes.
+    k = len(ARMS)
+    p = (1 - MIN_EXPLORATION) * ((1 - EPSILON) * GREEDY_ACCURACY + EPSILON / k)
+    p += MIN_EXPLORATION / k
     threshold = p - 3.5 * math.sqrt(p * (1 - p) / LAST)
     rate = sum(hits[-LAST:]) / LAST
     assert rate >= threshold, f"best arm in {rate:.1%} of the last {LAST} (need {threshold:.1%})"

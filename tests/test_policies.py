@@ -66,10 +66,62 @@ def test_same_state_and_decision_id_give_the_same_choice(policy: str) -> None:
 
 
 def test_deterministic_policy_gives_its_choice_propensity_one() -> None:
-    p, fv, state = trained("linucb")
+    # Only without the minimum exploration (OO_MIN_EXPLORATION=0) is linucb deterministic.
+    unmixed = build_policies(config_mod.load(env={"OO_MIN_EXPLORATION": "0"}).scoring)
+    _, fv, state = trained("linucb")
+    p = unmixed["linucb"]
+    assert p.deterministic
     x = fv.vectorise(assemble(ALL_FEATURES, Inputs({"hour_of_day": 7.0}), {}, now=0.0))
     sel = p.select(state, x, ARMS, rng_for("d"))
     assert sel.propensities[sel.chosen] == 1.0 and sum(sel.propensities) == 1.0
+
+
+def test_served_linucb_mixes_in_the_minimum_exploration() -> None:
+    # With the default OO_MIN_EXPLORATION m = 0.05 and K = 4 arms, linucb's choice has
+    # propensity (1 - m) * 1 + m / 4 = 0.9625 and every other arm m / 4 = 0.0125: the logs
+    # give every candidate support (this test asserted 1 and 0 before the mixing).
+    p, fv, state = trained("linucb")
+    assert not p.deterministic
+    x = fv.vectorise(assemble(ALL_FEATURES, Inputs({"hour_of_day": 7.0}), {}, now=0.0))
+    sel = p.select(state, x, ARMS, rng_for("d"))
+    assert sel.propensities[sel.chosen] == pytest.approx(0.9625)
+    assert sorted(sel.propensities)[:3] == pytest.approx([0.0125] * 3)
+    assert sum(sel.propensities) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("policy", ["egreedy", "linucb", "lints"])
+def test_mixed_propensities_are_the_choice_frequencies(policy: str) -> None:
+    """Over many decision ids on one state and context, each arm is chosen as often as its
+    logged propensity says, and `explored` covers every uniform redraw that left the
+    policy's own choice."""
+    p, fv, state = trained(policy)
+    x = fv.vectorise(assemble(ALL_FEATURES, Inputs({"hour_of_day": 7.0}), {}, now=0.0))
+    n = 4000
+    counts = np.zeros(len(ARMS))
+    props = None
+    for i in range(n):
+        sel = p.select(state, x, ARMS, rng_for(f"mix-{i}"))
+        counts[sel.chosen] += 1
+        props = np.array(sel.propensities)
+        if policy == "linucb" and sel.propensities[sel.chosen] < 0.5:
+            assert sel.explored  # only a uniform redraw picks an arm linucb would not
+    assert props is not None and props.min() >= 0.05 / len(ARMS) - 1e-12
+    # Binomial standard error at n = 4000 is at most 0.008: allow 4 of them.
+    np.testing.assert_allclose(counts / n, props, atol=0.032)
+
+
+def test_mixing_off_draws_exactly_as_before() -> None:
+    """OO_MIN_EXPLORATION=0 adds no draw: decisions are those of the unmixed policies."""
+    from oo_ml.domain.policies import EpsilonGreedy
+
+    off = build_policies(config_mod.load(env={"OO_MIN_EXPLORATION": "0"}).scoring)
+    bare = EpsilonGreedy("egreedy", "v1", 0.1)
+    _, fv, state = trained("egreedy")
+    x = fv.vectorise(assemble(ALL_FEATURES, Inputs({"hour_of_day": 9.0}), {}, now=0.0))
+    for i in range(50):
+        assert off["egreedy"].select(state, x, ARMS, rng_for(f"{i}")) == bare.select(
+            state, x, ARMS, rng_for(f"{i}")
+        )
 
 
 def test_v1_state_migrates_to_v2_by_padding() -> None:

@@ -267,6 +267,11 @@ async def test_gate_command_against_a_running_server(
     code, out = await run("--candidate", "egreedy-v2", "--min-samples", "500")
     assert code == 1
     assert "egreedy-v2 behind egreedy: samples 24" in out
+    # Stats.shadows carries SNIPS's delta-method CI (ADR 0015), equal to the offline maths.
+    stats = await srv.stub.Stats(pb.StatsRequest(policy="egreedy"))
+    (shadow,) = [s for s in stats.shadows if s.policy == "egreedy-v2"]
+    assert shadow.snips_ci_low <= shadow.snips <= shadow.snips_ci_high
+    assert shadow.snips_ci_high - shadow.snips_ci_low > 0
     assert "refuse egreedy-v2: 24 samples, fewer than the 500 required" in out
 
     # A margin of -1 makes any candidate with enough samples pass: the exit-0 path.

@@ -132,6 +132,12 @@ class ScoringConfig:
     thompson_scale: float = setting(
         0.5, "OO_THOMPSON_SCALE", "Posterior scale of linear Thompson sampling."
     )
+    min_exploration: float = setting(
+        0.05,
+        "OO_MIN_EXPLORATION",
+        "Uniform exploration every policy mixes in (and logs in its propensities), so"
+        " off-policy estimates have support for every candidate.",
+    )
     ridge_lambda: float = setting(
         1.0, "OO_RIDGE_LAMBDA", "Ridge prior strength (A starts as lambda*I)."
     )
@@ -291,6 +297,8 @@ class Config:
 
         if not 0 <= s.epsilon <= 1:
             problems.append(f"OO_EPSILON must be in [0, 1] (got {s.epsilon})")
+        if not 0 <= s.min_exploration <= 1:
+            problems.append(f"OO_MIN_EXPLORATION must be in [0, 1] (got {s.min_exploration})")
         for name, value in (
             ("OO_RIDGE_LAMBDA", s.ridge_lambda),
             ("OO_REWARD_WINDOW_S", s.reward_window_s),

@@ -10,6 +10,15 @@ r_i; the target gives each arm a propensity pi_i(a) and its model an estimate q_
     DR_i = sum_a pi_i(a) q_i(a) + w_i (r_i - q_i(a_i))
     DR   = mean_i DR_i,  95% CI = DR +- 1.96 sqrt(var(DR_i) / n)   (var with 1/n)
 
+SNIPS's 95% CI is the delta method's normal approximation of the ratio estimator: its
+influence terms are w_i (r_i - SNIPS) / mean(w), so
+
+    se(SNIPS) = sqrt(sum_i w_i^2 (r_i - SNIPS)^2) / sum_i w_i,   CI = SNIPS +- 1.96 se
+
+computed from the running sums of w^2, w^2 r and w^2 r^2. (`from_sums` without them,
+as the server's stored totals are today, gives a NaN interval.) `tests/test_ope_coverage.py`
+checks both intervals cover the true value on repeated simulated logs.
+
 These are the formulas the server uses for its shadows: the engine calls `sample_terms`
 per rewarded sample and `from_sums` on the running sums for `Stats.shadows`; `estimate`
 runs both over arrays (offline logs), so online and offline numbers are the same maths.
@@ -47,6 +56,9 @@ class OffPolicyEstimate:
     dr_ci_high: float
     served_mean: float
     """The logging (served) policy's own mean reward on the same samples."""
+    snips_ci_low: float = math.nan
+    snips_ci_high: float = math.nan
+    """SNIPS's 95% CI (delta method); NaN when the squared-weight sums were not kept."""
 
 
 def sample_terms(
@@ -71,21 +83,40 @@ def from_sums(
     dr_sum: float,
     dr_sq_sum: float,
     reward_sum: float,
+    weight_sq_sum: float | None = None,
+    weight_sq_reward_sum: float | None = None,
+    weight_sq_reward_sq_sum: float | None = None,
 ) -> OffPolicyEstimate:
-    """The estimates from running sums over the samples (what the server accumulates)."""
+    """The estimates from running sums over the samples (what the server accumulates).
+    SNIPS's CI needs the sums of w^2, w^2 r and w^2 r^2; without them it is NaN."""
     m = max(n, 1)
     dr = dr_sum / m
     var = max(dr_sq_sum / m - dr * dr, 0.0)
     half = Z95 * math.sqrt(var / m)
+    snips = weighted_reward_sum / weight_sum if weight_sum > 0 else 0.0
+    snips_low = snips_high = math.nan
+    if (
+        weight_sq_sum is not None
+        and weight_sq_reward_sum is not None
+        and weight_sq_reward_sq_sum is not None
+        and weight_sum > 0
+    ):
+        # sum w^2 (r - S)^2 = sum w^2 r^2 - 2 S sum w^2 r + S^2 sum w^2
+        spread = weight_sq_reward_sq_sum - 2 * snips * weight_sq_reward_sum
+        spread += snips * snips * weight_sq_sum
+        snips_half = Z95 * math.sqrt(max(spread, 0.0)) / weight_sum
+        snips_low, snips_high = snips - snips_half, snips + snips_half
     return OffPolicyEstimate(
         policy=policy,
         samples=n,
         ips=weighted_reward_sum / m,
-        snips=weighted_reward_sum / weight_sum if weight_sum > 0 else 0.0,
+        snips=snips,
         dr=dr,
         dr_ci_low=dr - half,
         dr_ci_high=dr + half,
         served_mean=reward_sum / m,
+        snips_ci_low=snips_low,
+        snips_ci_high=snips_high,
     )
 
 
@@ -116,7 +147,8 @@ def estimate(
     logged_propensity: FloatArray,
     rewards: FloatArray,
 ) -> OffPolicyEstimate:
-    """IPS, SNIPS and DR (with its 95% CI) of a target policy on n logged samples.
+    """IPS, SNIPS and DR (each of the last two with its 95% CI) of a target policy on n
+    logged samples.
 
     `target_propensities` and `estimates` are (n, K): the target's propensity and its
     model's reward estimate for each of the K candidates of each sample.
@@ -139,4 +171,7 @@ def estimate(
         dr_sum=float(dr.sum()),
         dr_sq_sum=float(dr @ dr),
         reward_sum=float(rewards.sum()),
+        weight_sq_sum=float(w @ w),
+        weight_sq_reward_sum=float((w * w) @ rewards),
+        weight_sq_reward_sq_sum=float((w * w) @ (rewards * rewards)),
     )

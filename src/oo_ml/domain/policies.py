@@ -10,6 +10,12 @@ their propensity is split evenly, so even a deterministic policy reports honest
 propensities for logged data; a deterministic policy without ties gives its choice
 propensity 1 (see docs/policies.md for what that means for off-policy evaluation).
 
+Every policy built by `build_policies` (but `uniform`) mixes in OO_MIN_EXPLORATION (m) of
+uniform exploration (`mixed`, ADR 0014): its logged propensities are (1 - m) p + m / K, so
+no candidate ever has propensity 0 and off-policy estimates have support whichever
+policy served. Shadows are built the same way: a shadow's propensities are those of the
+target as it would be served.
+
 Policies are chosen from `POLICIES` by name; `make_policy` builds one from config.
 """
 
@@ -97,11 +103,29 @@ def _argmax_with_ties(
     return int(best[rng.integers(len(best))]), props
 
 
+def mixed(sel: Selection, m: float, rng: Random) -> Selection:
+    """`sel` with uniform exploration m mixed in (OO_MIN_EXPLORATION, ADR 0014): with
+    probability m the choice is redrawn uniformly, and every propensity becomes
+    (1 - m) p + m / K, which is exactly the chance the mixed policy picks that arm. The two
+    draws come after the policy's own, from the same decision RNG, so decisions replay.
+    `explored` is also true when the uniform draw picked an arm other than the policy's."""
+    if m <= 0.0:
+        return sel
+    k = len(sel.propensities)
+    props = tuple((1.0 - m) * p + m / k for p in sel.propensities)
+    chosen, explored = sel.chosen, sel.explored
+    if rng.random() < m:
+        chosen = rng.integers(k)
+        explored = explored or chosen != sel.chosen
+    return Selection(chosen=chosen, scores=sel.scores, propensities=props, explored=explored)
+
+
 @dataclass(frozen=True, slots=True)
 class EpsilonGreedy:
     name: str
     feature_version: str
     epsilon: float
+    min_exploration: float = 0.0
     deterministic: bool = False
 
     def select(self, state: PolicyState, x: Vector, arms: Sequence[str], rng: Random) -> Selection:
@@ -112,12 +136,13 @@ class EpsilonGreedy:
         props[best] += (1.0 - self.epsilon) / len(best)
         explore = bool(rng.random() < self.epsilon)
         chosen = int(rng.integers(k)) if explore else int(best[rng.integers(len(best))])
-        return Selection(
+        sel = Selection(
             chosen=chosen,
             scores=tuple(scores.tolist()),
             propensities=tuple(props.tolist()),
             explored=chosen not in best,
         )
+        return mixed(sel, self.min_exploration, rng)
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,19 +150,25 @@ class LinUCB:
     name: str
     feature_version: str
     alpha: float
-    deterministic: bool = True
+    min_exploration: float = 0.0
+
+    @property
+    def deterministic(self) -> bool:
+        """Deterministic (up to ties) only without the mixed-in uniform exploration."""
+        return self.min_exploration <= 0.0
 
     def select(self, state: PolicyState, x: Vector, arms: Sequence[str], rng: Random) -> Selection:
         mean = estimates(state, x, arms)
         ucb = mean + self.alpha * _NOISE_SCALE * noise_sd(state, arms) * widths(state, x, arms)
         chosen, props = _argmax_with_ties(ucb, rng)
-        return Selection(
+        sel = Selection(
             chosen=chosen,
             scores=tuple(ucb.tolist()),
             propensities=tuple(props.tolist()),
             # The bonus, not the estimate, made the choice.
             explored=chosen not in _greedy(mean),
         )
+        return mixed(sel, self.min_exploration, rng)
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,6 +176,7 @@ class LinearThompson:
     name: str
     feature_version: str
     scale: float
+    min_exploration: float = 0.0
     deterministic: bool = False
 
     def select(self, state: PolicyState, x: Vector, arms: Sequence[str], rng: Random) -> Selection:
@@ -158,12 +190,13 @@ class LinearThompson:
         if props[chosen] <= 0.0:  # out in the numerical tail: never log a zero for the choice
             props[chosen] = 1e-12
             props /= props.sum()
-        return Selection(
+        sel = Selection(
             chosen=chosen,
             scores=tuple(draw.tolist()),
             propensities=tuple(props.tolist()),
             explored=chosen not in _greedy(mean),
         )
+        return mixed(sel, self.min_exploration, rng)
 
 
 def _thompson_propensities(
@@ -203,10 +236,11 @@ class Uniform:
 PolicyFactory = Callable[[ScoringConfig], Policy]
 
 POLICIES: dict[str, PolicyFactory] = {
-    "egreedy": lambda c: EpsilonGreedy("egreedy", "v1", c.epsilon),
-    "egreedy-v2": lambda c: EpsilonGreedy("egreedy-v2", "v2", c.epsilon),
-    "linucb": lambda c: LinUCB("linucb", "v2", c.linucb_alpha),
-    "lints": lambda c: LinearThompson("lints", "v2", c.thompson_scale),
+    "egreedy": lambda c: EpsilonGreedy("egreedy", "v1", c.epsilon, c.min_exploration),
+    "egreedy-v2": lambda c: EpsilonGreedy("egreedy-v2", "v2", c.epsilon, c.min_exploration),
+    "linucb": lambda c: LinUCB("linucb", "v2", c.linucb_alpha, c.min_exploration),
+    "lints": lambda c: LinearThompson("lints", "v2", c.thompson_scale, c.min_exploration),
+    # Uniform needs no mixing: it already explores uniformly.
     "uniform": lambda c: Uniform("uniform", "v1"),
 }
 

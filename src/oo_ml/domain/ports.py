@@ -116,6 +116,11 @@ class OffPolicyTotals:
     dr_sum: float
     dr_sq_sum: float
     reward_sum: float
+    sq_n: int = 0
+    """Samples the squared-weight sums below cover (< n for totals older than them)."""
+    weight_sq_sum: float = 0.0
+    weight_sq_reward_sum: float = 0.0
+    weight_sq_reward_sq_sum: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,6 +145,25 @@ class StateStore(Protocol):
     ) -> int | None:
         """Store state if the current revision is `revision`; the new revision, or None."""
         ...
+
+
+class MigrationStore(StateStore, Protocol):
+    """What `oo-ml migrate` needs: states paged in user order, and a resumable cursor."""
+
+    async def states_after(
+        self, policy: str, after_user: str, limit: int
+    ) -> list[tuple[str, StoredState | None]]:
+        """Up to `limit` states of `policy` with user_id > after_user, in user_id order;
+        None for one that does not decode."""
+        ...
+
+    async def migration_cursor(self, from_policy: str, to_policy: str) -> str:
+        """The last user done by the (from, to) migration; "" before the first."""
+        ...
+
+    async def set_migration_cursor(
+        self, from_policy: str, to_policy: str, user_id: str
+    ) -> None: ...
 
 
 class Store(StateStore, Protocol):

@@ -5,12 +5,20 @@ lower bound of its DR 95% CI exceeds the served policy's mean reward plus `margi
 refuses). Every decision carries a reason naming the numbers. Inputs are plain values: an
 `OffPolicyEstimate` from `ope.estimate` (an offline log), or the fields of a server's
 `StatsResponse.shadows` entry via `promote_from_stats`.
+
+`promote_paired` is the offline stage (ADR 0013): the candidate against the incumbent on
+the same simulated worlds over several seeds, promoted only when the lower 95% bound of
+the paired difference in value exceeds the margin.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
+
+import numpy as np
+from scipy.stats import t as student_t
 
 from oo_ml.domain.ope import OffPolicyEstimate
 
@@ -84,3 +92,60 @@ def promote_from_stats(
         policy, samples, ips, snips, dr, dr_ci_low, dr_ci_high, served_mean
     )
     return promote(candidate, served_mean, min_samples=min_samples, margin=margin, served=served)
+
+
+# -- the offline gate: paired differences over simulated seeds ---------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PairedDifference:
+    """candidate − incumbent on the same worlds (one value a seed), with a 95% t interval."""
+
+    candidate: str
+    incumbent: str
+    metric: str
+    differences: tuple[float, ...]
+    mean: float
+    ci_low: float
+    ci_high: float
+
+
+def paired_difference(
+    candidate: str, incumbent: str, differences: Sequence[float], *, metric: str = "value"
+) -> PairedDifference:
+    """The mean of the paired differences and its two-sided 95% Student-t interval (n - 1
+    degrees of freedom). With fewer than two differences the interval is infinite."""
+    d = np.asarray(differences, dtype=np.float64)
+    n = len(d)
+    mean = float(d.mean()) if n else math.nan
+    if n < 2:
+        low, high = -math.inf, math.inf
+    else:
+        half = float(student_t.ppf(0.975, n - 1)) * float(d.std(ddof=1)) / math.sqrt(n)
+        low, high = mean - half, mean + half
+    return PairedDifference(candidate, incumbent, metric, tuple(d.tolist()), mean, low, high)
+
+
+def promote_paired(diff: PairedDifference, *, margin: float = 0.0) -> GateDecision:
+    """Stage one of the two-stage rule (ADR 0013): promote only when the lower 95% bound of
+    candidate − incumbent over seeds exceeds `margin` (a tie refuses, NaN refuses)."""
+    summary = (
+        f"{diff.metric} {diff.candidate} − {diff.incumbent} = {diff.mean:+.4f}"
+        f" [95% CI {diff.ci_low:+.4f}, {diff.ci_high:+.4f}] over {len(diff.differences)} seeds;"
+        f" margin {margin:.4f}"
+    )
+    if len(diff.differences) < 2:
+        return GateDecision(False, f"refuse {diff.candidate}: fewer than 2 seeds ({summary})")
+    if not (math.isfinite(diff.ci_low) and math.isfinite(margin)):
+        return GateDecision(False, f"refuse {diff.candidate}: a figure is not finite ({summary})")
+    if diff.ci_low <= margin:
+        return GateDecision(
+            False,
+            f"refuse {diff.candidate}: lower bound {diff.ci_low:+.4f} of its advantage over"
+            f" {diff.incumbent} does not exceed {margin:.4f} ({summary})",
+        )
+    return GateDecision(
+        True,
+        f"promote {diff.candidate}: lower bound {diff.ci_low:+.4f} of its advantage over"
+        f" {diff.incumbent} exceeds {margin:.4f} ({summary})",
+    )

@@ -127,6 +127,8 @@ def stats_response(r: StatsReport) -> scoring_pb2.StatsResponse:
                 dr_ci_low=s.dr_ci_low,
                 dr_ci_high=s.dr_ci_high,
                 served_mean=s.served_mean,
+                snips_ci_low=s.snips_ci_low,
+                snips_ci_high=s.snips_ci_high,
             )
             for s in r.shadows
         ],

@@ -34,15 +34,17 @@ def render(report: Report) -> str:
             "",
             f"off-policy evaluation on {sim.log_policy}'s log ({len(sim.log)} decisions,"
             f" logged mean reward {served:.4f})",
-            f"{'policy':<12} {'IPS':>7} {'SNIPS':>7} {'DR':>7} {'DR 95% CI':>17}"
-            f" {'true on log':>11} {'online value':>12}",
+            f"{'policy':<12} {'IPS':>7} {'SNIPS':>7} {'SNIPS 95% CI':>17} {'DR':>7}"
+            f" {'DR 95% CI':>17} {'true on log':>11} {'online value':>12}",
         ]
         for e in report.evaluations:
             est = e.estimate
             ci = f"[{est.dr_ci_low:.4f}, {est.dr_ci_high:.4f}]"
+            snips_ci = f"[{est.snips_ci_low:.4f}, {est.snips_ci_high:.4f}]"
             lines.append(
-                f"{est.policy:<12} {est.ips:>7.4f} {est.snips:>7.4f} {est.dr:>7.4f} {ci:>17}"
-                f" {e.value_on_log:>11.4f} {e.online.expected_reward:>12.4f}"
+                f"{est.policy:<12} {est.ips:>7.4f} {est.snips:>7.4f} {snips_ci:>17}"
+                f" {est.dr:>7.4f} {ci:>17} {e.value_on_log:>11.4f}"
+                f" {e.online.expected_reward:>12.4f}"
             )
         lines += ["", f"gate (min samples {report.min_samples}, margin {report.margin}):"]
         lines += [f"  {e.decision.reason}" for e in report.evaluations]

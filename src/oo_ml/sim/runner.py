@@ -149,7 +149,11 @@ def _run_oracle(world: World) -> PolicyResult:
 
 
 def _run_policy(
-    world: World, policy: Policy, ridge_lambda: float, log: list[LoggedDecision] | None
+    world: World,
+    policy: Policy,
+    ridge_lambda: float,
+    log: list[LoggedDecision] | None,
+    values: FloatArray | None = None,
 ) -> PolicyResult:
     cfg = world.config
     fv = FEATURE_VERSIONS[policy.feature_version]
@@ -183,6 +187,8 @@ def _run_policy(
                 propensities=sel.propensities,
                 explored=sel.explored,
             )
+            if values is not None:
+                values[r, u] = float(np.dot(sel.propensities, world.p[r, u]))
             if log is not None:
                 log.append(
                     LoggedDecision(
@@ -232,6 +238,23 @@ def simulate(
         log_policy=log_policy,
         log=tuple(log),
     )
+
+
+def simulate_values(
+    config: SimulationConfig, policies: Sequence[str], scoring: ScoringConfig | None = None
+) -> tuple[World, dict[str, PolicyResult], dict[str, FloatArray]]:
+    """Like `simulate`, plus each policy's value at every decision, (rounds, users) (NaN
+    before a user joins): sum_a pi(a|x) p(a|x), for per-segment reports (policy cards)."""
+    scoring = scoring or ScoringConfig()
+    built = _policies(list(dict.fromkeys(policies)), scoring)
+    world = make_world(config)
+    results: dict[str, PolicyResult] = {}
+    values: dict[str, FloatArray] = {}
+    for name, p in built.items():
+        v = np.full((config.rounds, config.users), np.nan)
+        results[name] = _run_policy(world, p, scoring.ridge_lambda, None, v)
+        values[name] = v
+    return world, results, values
 
 
 # -- off-policy evaluation on the log ----------------------------------------------------
@@ -351,3 +374,66 @@ def simulate_and_evaluate(
             )
         )
     return Report(sim, tuple(evaluations), min_samples, margin)
+
+
+# -- the offline gate: candidate vs incumbent over seeds --------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class OfflineGate:
+    """Stage one of the promotion rule (ADR 0013): both policies run on the same world for
+    each seed; the paired difference of their values decides."""
+
+    config: SimulationConfig
+    seeds: tuple[int, ...]
+    candidate: tuple[PolicyResult, ...]
+    incumbent: tuple[PolicyResult, ...]
+    value: promotion.PairedDifference
+    """candidate − incumbent in value (true expected reward per decision), one a seed."""
+    regret: promotion.PairedDifference
+    """candidate − incumbent in cumulative regret (negative is better), for the record."""
+    decision: promotion.GateDecision
+
+
+def offline_gate(
+    config: SimulationConfig,
+    candidate: str,
+    incumbent: str,
+    seeds: Sequence[int],
+    scoring: ScoringConfig | None = None,
+    *,
+    margin: float = 0.0,
+) -> OfflineGate:
+    """Run `candidate` and `incumbent` on the world of every seed (common random numbers
+    within a seed) and gate on the lower 95% bound of their paired difference in value."""
+    if candidate == incumbent:
+        raise ValueError("the candidate and the incumbent are the same policy")
+    if len(set(seeds)) != len(seeds) or len(seeds) < 2:
+        raise ValueError(f"the offline gate needs at least 2 distinct seeds (got {list(seeds)})")
+    cand: list[PolicyResult] = []
+    inc: list[PolicyResult] = []
+    for seed in seeds:
+        sim = simulate(replace(config, seed=seed), [candidate, incumbent], scoring)
+        cand.append(sim.result(candidate))
+        inc.append(sim.result(incumbent))
+    value = promotion.paired_difference(
+        candidate,
+        incumbent,
+        [c.expected_reward - i.expected_reward for c, i in zip(cand, inc, strict=True)],
+        metric="value",
+    )
+    regret = promotion.paired_difference(
+        candidate,
+        incumbent,
+        [c.cumulative_regret - i.cumulative_regret for c, i in zip(cand, inc, strict=True)],
+        metric="regret",
+    )
+    return OfflineGate(
+        config=config,
+        seeds=tuple(seeds),
+        candidate=tuple(cand),
+        incumbent=tuple(inc),
+        value=value,
+        regret=regret,
+        decision=promotion.promote_paired(value, margin=margin),
+    )

@@ -473,6 +473,8 @@ class ShadowStats(_message.Message):
     DR_CI_LOW_FIELD_NUMBER: _builtins.int
     DR_CI_HIGH_FIELD_NUMBER: _builtins.int
     SERVED_MEAN_FIELD_NUMBER: _builtins.int
+    SNIPS_CI_LOW_FIELD_NUMBER: _builtins.int
+    SNIPS_CI_HIGH_FIELD_NUMBER: _builtins.int
     policy: _builtins.str
     samples: _builtins.int
     ips: _builtins.float
@@ -483,6 +485,11 @@ class ShadowStats(_message.Message):
     dr_ci_high: _builtins.float
     served_mean: _builtins.float
     """The served policy's own mean reward on the same samples."""
+    snips_ci_low: _builtins.float
+    """95% confidence interval of the SNIPS estimate (delta method); NaN when the server's
+    totals predate the squared-weight sums it needs.
+    """
+    snips_ci_high: _builtins.float
     def __init__(
         self,
         *,
@@ -494,10 +501,12 @@ class ShadowStats(_message.Message):
         dr_ci_low: _builtins.float = ...,
         dr_ci_high: _builtins.float = ...,
         served_mean: _builtins.float = ...,
+        snips_ci_low: _builtins.float = ...,
+        snips_ci_high: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dr", b"dr", "dr_ci_high", b"dr_ci_high", "dr_ci_low", b"dr_ci_low", "ips", b"ips", "policy", b"policy", "samples", b"samples", "served_mean", b"served_mean", "snips", b"snips"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dr", b"dr", "dr_ci_high", b"dr_ci_high", "dr_ci_low", b"dr_ci_low", "ips", b"ips", "policy", b"policy", "samples", b"samples", "served_mean", b"served_mean", "snips", b"snips", "snips_ci_high", b"snips_ci_high", "snips_ci_low", b"snips_ci_low"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

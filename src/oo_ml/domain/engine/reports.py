@@ -104,6 +104,8 @@ def _prompts(totals: list[PromptTotals]) -> list[PromptReport]:
 
 
 def shadow_report(t: OffPolicyTotals) -> OffPolicyEstimate:
+    # SNIPS's CI only when the squared-weight sums cover every sample (ADR 0015).
+    squared = t.sq_n == t.n
     return from_sums(
         t.shadow,
         t.n,
@@ -112,4 +114,7 @@ def shadow_report(t: OffPolicyTotals) -> OffPolicyEstimate:
         dr_sum=t.dr_sum,
         dr_sq_sum=t.dr_sq_sum,
         reward_sum=t.reward_sum,
+        weight_sq_sum=t.weight_sq_sum if squared else None,
+        weight_sq_reward_sum=t.weight_sq_reward_sum if squared else None,
+        weight_sq_reward_sq_sum=t.weight_sq_reward_sq_sum if squared else None,
     )

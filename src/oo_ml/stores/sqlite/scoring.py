@@ -123,6 +123,24 @@ MIGRATIONS: list[str] = [
         data BLOB NOT NULL
     ) WITHOUT ROWID;
     """,
+    # `oo-ml migrate`: the last user done of each (from, to) state migration, to resume.
+    """
+    CREATE TABLE state_migrations (
+        from_policy TEXT NOT NULL,
+        to_policy TEXT NOT NULL,
+        last_user_id TEXT NOT NULL,
+        updated_at REAL NOT NULL,
+        PRIMARY KEY (from_policy, to_policy)
+    ) WITHOUT ROWID;
+    """,
+    # SNIPS's CI (ADR 0015): the squared-weight sums, and how many samples they cover
+    # (rows from before this migration have sq_n < n and report no SNIPS interval).
+    """
+    ALTER TABLE off_policy ADD COLUMN sq_n INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE off_policy ADD COLUMN weight_sq_sum REAL NOT NULL DEFAULT 0;
+    ALTER TABLE off_policy ADD COLUMN weight_sq_reward_sum REAL NOT NULL DEFAULT 0;
+    ALTER TABLE off_policy ADD COLUMN weight_sq_reward_sq_sum REAL NOT NULL DEFAULT 0;
+    """,
 ]
 
 
@@ -182,13 +200,29 @@ def _apply(conn: sqlite3.Connection, w: Write, revisions: dict[tuple[str, str], 
         case AddOffPolicy(served, shadow, weight, reward, dr):
             conn.execute(
                 "INSERT INTO off_policy (served, shadow, n, weight_sum, weighted_reward_sum, dr_sum,"
-                " dr_sq_sum, reward_sum) VALUES (?, ?, 1, ?, ?, ?, ?, ?)"
+                " dr_sq_sum, reward_sum, sq_n, weight_sq_sum, weight_sq_reward_sum,"
+                " weight_sq_reward_sq_sum) VALUES (?, ?, 1, ?, ?, ?, ?, ?, 1, ?, ?, ?)"
                 " ON CONFLICT (served, shadow) DO UPDATE SET n = n + 1,"
                 " weight_sum = weight_sum + excluded.weight_sum,"
                 " weighted_reward_sum = weighted_reward_sum + excluded.weighted_reward_sum,"
                 " dr_sum = dr_sum + excluded.dr_sum, dr_sq_sum = dr_sq_sum + excluded.dr_sq_sum,"
-                " reward_sum = reward_sum + excluded.reward_sum",
-                (served, shadow, weight, weight * reward, dr, dr * dr, reward),
+                " reward_sum = reward_sum + excluded.reward_sum, sq_n = sq_n + 1,"
+                " weight_sq_sum = weight_sq_sum + excluded.weight_sq_sum,"
+                " weight_sq_reward_sum = weight_sq_reward_sum + excluded.weight_sq_reward_sum,"
+                " weight_sq_reward_sq_sum ="
+                " weight_sq_reward_sq_sum + excluded.weight_sq_reward_sq_sum",
+                (
+                    served,
+                    shadow,
+                    weight,
+                    weight * reward,
+                    dr,
+                    dr * dr,
+                    reward,
+                    weight * weight,
+                    weight * weight * reward,
+                    weight * weight * reward * reward,
+                ),
             )
 
 
@@ -337,6 +371,53 @@ class SqliteStore:
 
         return await self.db.read(q)
 
+    async def states_after(
+        self, policy: str, after_user: str, limit: int
+    ) -> list[tuple[str, StoredState | None]]:
+        """One page of a policy's states in user_id order, strictly after `after_user`
+        ("" for the first page): (user, state and revision), None for a state that does not
+        decode."""
+
+        def q(conn: sqlite3.Connection) -> list[tuple[str, StoredState | None]]:
+            rows = conn.execute(
+                "SELECT user_id, revision, data FROM state WHERE policy = ? AND user_id > ?"
+                " ORDER BY user_id LIMIT ?",
+                (policy, after_user, limit),
+            ).fetchall()
+            page: list[tuple[str, StoredState | None]] = []
+            for user_id, revision, data in rows:
+                try:
+                    page.append((user_id, StoredState(revision, decode_state(data))))
+                except UnreadableRecord as e:
+                    log.warning("state of %r under %r unreadable: %s", user_id, policy, e)
+                    page.append((user_id, None))
+            return page
+
+        return await self.db.read(q)
+
+    async def migration_cursor(self, from_policy: str, to_policy: str) -> str:
+        """The last user a (from, to) migration finished ("" when it has not started)."""
+
+        def q(conn: sqlite3.Connection) -> str:
+            row = conn.execute(
+                "SELECT last_user_id FROM state_migrations WHERE from_policy = ? AND to_policy = ?",
+                (from_policy, to_policy),
+            ).fetchone()
+            return str(row[0]) if row else ""
+
+        return await self.db.read(q)
+
+    async def set_migration_cursor(self, from_policy: str, to_policy: str, user_id: str) -> None:
+        def tx(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT INTO state_migrations (from_policy, to_policy, last_user_id, updated_at)"
+                " VALUES (?, ?, ?, ?) ON CONFLICT (from_policy, to_policy) DO UPDATE SET"
+                " last_user_id = excluded.last_user_id, updated_at = excluded.updated_at",
+                (from_policy, to_policy, user_id, time.time()),
+            )
+
+        await self.db.run(tx)
+
     async def set_aside(self, decision_id: str, reason: str) -> None:
         def tx(conn: sqlite3.Connection) -> None:
             conn.execute(
@@ -388,8 +469,9 @@ class SqliteStore:
             return [
                 OffPolicyTotals(*r)
                 for r in conn.execute(
-                    "SELECT shadow, n, weight_sum, weighted_reward_sum, dr_sum, dr_sq_sum, reward_sum"
-                    " FROM off_policy WHERE served = ? ORDER BY shadow",
+                    "SELECT shadow, n, weight_sum, weighted_reward_sum, dr_sum, dr_sq_sum,"
+                    " reward_sum, sq_n, weight_sq_sum, weight_sq_reward_sum,"
+                    " weight_sq_reward_sq_sum FROM off_policy WHERE served = ? ORDER BY shadow",
                     (served,),
                 )
             ]
