@@ -30,6 +30,7 @@ ORACLE = "oracle"
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
 
+
 @dataclass(frozen=True, slots=True)
 class PolicyResult:
     policy: str
