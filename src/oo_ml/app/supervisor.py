@@ -97,7 +97,7 @@ class App:
         if ingest is not None:
             ingest.attach(engine)
             self.ingest = ingest
-            self.metrics.gauges(lambda: {f"oo_ingest_{k}": v for k, v in ingest.stats().items()})
+            self.metrics.ingest(ingest.stats)
 
         server = grpc.aio.server(
             options=[
@@ -129,7 +129,7 @@ class App:
         self.port = server.add_insecure_port(f"{cfg.server.host}:{cfg.server.port}")
         if self.port == 0:
             raise OSError(f"cannot bind {cfg.server.host}:{cfg.server.port}")
-        self.metrics.gauges(lambda: _engine_gauges(engine))
+        self.metrics.engine(engine)
         if cfg.server.metrics_port is not None:
             self._metrics_endpoint = MetricsEndpoint(
                 self.metrics, cfg.server.host, cfg.server.metrics_port
@@ -230,19 +230,6 @@ class App:
 
 async def _await(w: Awaitable[object]) -> None:
     await w
-
-
-def _engine_gauges(engine: ScoringEngine) -> dict[str, float]:
-    out: dict[str, float] = {
-        "oo_background_failures": engine.background_failures,
-        "oo_users_locked": engine.users_locked,
-        "oo_decisions_set_aside": engine.upkeep.set_aside,
-    }
-    for job in engine.upkeep.status():
-        out[f'oo_upkeep_failures_total{{job="{job.name}"}}'] = job.failures_total
-        out[f'oo_upkeep_consecutive_failures{{job="{job.name}"}}'] = job.consecutive_failures
-        out[f'oo_upkeep_last_success_timestamp_seconds{{job="{job.name}"}}'] = job.last_success_at
-    return out
 
 
 async def serve(config: Config) -> None:
