@@ -89,6 +89,11 @@ class ServerConfig:
         "OO_METRICS_PORT",
         "Port of the plain-HTTP /metrics endpoint (Prometheus text); unset: off.",
     )
+    reflection: str = setting(
+        "auth",
+        "OO_REFLECTION",
+        "Server reflection: auth (needs OO_AUTH_TOKEN's token when set) or public.",
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -283,6 +288,8 @@ class Config:
             problems.append("OO_INGEST_MAX_DELIVER must be >= 2")
         if self.llm.concurrency < 1 or self.llm.retries < 0:
             problems.append("OO_LLM_CONCURRENCY must be >= 1 and OO_LLM_RETRIES >= 0")
+        if self.server.reflection not in ("auth", "public"):
+            problems.append("OO_REFLECTION must be auth or public")
         if problems:
             raise ValueError("; ".join(problems))
 

@@ -107,7 +107,8 @@ class App:
                 ("grpc.so_reuseport", 0),
             ],
         )
-        EdgeGuard(cfg.server.auth_token, cfg.server.admin_token, self.metrics).register(
+        guard = EdgeGuard(cfg.server.auth_token, cfg.server.admin_token, self.metrics)
+        guard.register(
             server,
             scoring_pb2_grpc.add_ScoringServiceServicer_to_server,
             ScoringService(
@@ -118,13 +119,14 @@ class App:
             ),
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection(
+        guard.register_reflection(
+            server,
             (
                 scoring_pb2.DESCRIPTOR.services_by_name["ScoringService"].full_name,
                 health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                 reflection.SERVICE_NAME,
             ),
-            server,
+            public=cfg.server.reflection == "public",
         )
         self.port = server.add_insecure_port(f"{cfg.server.host}:{cfg.server.port}")
         if self.port == 0:

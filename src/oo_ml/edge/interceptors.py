@@ -149,6 +149,21 @@ class EdgeGuard:
         # Registered methods skip grpc's per-call lookup of a generic handler.
         server.add_registered_method_handlers(captured.service, wrapped)
 
+    def register_reflection(
+        self, server: grpc.aio.Server, service_names: tuple[str, ...], public: bool
+    ) -> None:
+        """Server reflection behind the same guard as the API (`OO_REFLECTION=auth`): with
+        auth on, listing or describing services needs a token. `public` opens it. Only the
+        reflection handler is wrapped: Score's path is unchanged."""
+        from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
+
+        guard = EdgeGuard(None, None, self.metrics) if public else self
+        guard.register(
+            server,
+            reflection_pb2_grpc.add_ServerReflectionServicer_to_server,
+            reflection.aio.ReflectionServicer(service_names),
+        )
+
     @staticmethod
     def _start(context: Context) -> None:
         """The call's request id: into the contextvar, and back to the client."""
@@ -277,6 +292,34 @@ class EdgeGuard:
 
             return grpc.unary_stream_rpc_method_handler(
                 stream, request_deserializer=None, response_serializer=handler.response_serializer
+            )
+        if handler.stream_stream is not None:
+            # Server reflection: the token is checked before the first request is read.
+            inner_bidi: Any = handler.stream_stream
+
+            async def bidi(requests: AsyncIterator[Any], context: Context) -> AsyncIterator[Any]:
+                started, code = time.perf_counter(), "OK"
+                try:
+                    start(context)
+                    if checks_auth:
+                        authorize(method, context)
+                    async for item in inner_bidi(requests, context):
+                        yield item
+                except asyncio.CancelledError:
+                    code = "CANCELLED"
+                    raise
+                except Exception as e:
+                    code = _code_name(e)
+                    if _is_abort(e):
+                        raise
+                    await fail(method, context, e)
+                finally:
+                    record(code, time.perf_counter() - started)
+
+            return grpc.stream_stream_rpc_method_handler(
+                bidi,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
             )
         return handler
 
