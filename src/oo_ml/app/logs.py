@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import contextvars
+import itertools
 import json
 import logging
 import os
@@ -29,6 +30,9 @@ request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar(
 )
 
 _SANE_ID = re.compile(r"[A-Za-z0-9._:\-]{1,64}")
+# Generated ids: a random per-process prefix and a counter (no syscall per call).
+_PREFIX = os.urandom(6).hex()
+_NEXT = itertools.count(1).__next__
 
 
 def sane_request_id(raw: str | bytes | None) -> str:
@@ -37,7 +41,7 @@ def sane_request_id(raw: str | bytes | None) -> str:
         raw = raw.decode("latin-1")
     if raw and _SANE_ID.fullmatch(raw):
         return raw
-    return os.urandom(8).hex()
+    return f"{_PREFIX}-{_NEXT():x}"
 
 
 class RequestIdFilter(logging.Filter):

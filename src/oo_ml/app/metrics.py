@@ -2,7 +2,7 @@
 
 `Metrics` owns a `CollectorRegistry` (not the library's global one, so several servers in
 one test process do not collide) holding:
-- the process and platform collectors (CPU, memory, open fds, Python version);
+- the process, platform and GC collectors (CPU, memory, open fds, Python version, GC);
 - `oo_rpc_total{method,code}` and `oo_rpc_seconds{method}` fed by the edge guard through
   `rpc_recorder`, which resolves the `.labels(...)` children once per method and code, so a
   call pays for two lock-protected increments and no label lookup;
@@ -32,6 +32,7 @@ from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
+    GCCollector,
     Histogram,
     PlatformCollector,
     ProcessCollector,
@@ -74,6 +75,7 @@ class Metrics:
         self.registry = CollectorRegistry()
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
+        GCCollector(registry=self.registry)
         self.rpc_total = Counter(
             "oo_rpc",
             "RPCs handled, by method and status code.",
