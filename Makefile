@@ -49,7 +49,7 @@ test: $(STAMP)
 
 # Issue 13, item 4: tests/test_fuzz.py with many more examples (~10 min; docs/fuzz.md).
 # `make test` runs the same file with 150 examples per property (~15 s).
-FUZZ_EXAMPLES ?= 8000
+FUZZ_EXAMPLES ?= 16000
 fuzz: $(STAMP)
 	OO_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/python -m pytest -q tests/test_fuzz.py --hypothesis-show-statistics $(PYTEST_ARGS)
 
