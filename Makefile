@@ -8,7 +8,7 @@ HOST ?= $(or $(OO_HOST),127.0.0.1)
 PORT ?= $(or $(OO_PORT),50051)
 DATA_DIR ?= $(or $(OO_DATA_DIR),.data)
 
-.PHONY: install proto lint typecheck breaking test bench bench-learning run check clean image
+.PHONY: install proto lint typecheck breaking test fuzz bench bench-learning run check clean image
 
 install: $(STAMP)
 
@@ -46,6 +46,12 @@ image: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# Issue 13, item 4: tests/test_fuzz.py with many more examples (~10 min; docs/fuzz.md).
+# `make test` runs the same file with 150 examples per property (~15 s).
+FUZZ_EXAMPLES ?= 16000
+fuzz: $(STAMP)
+	OO_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/python -m pytest -q tests/test_fuzz.py --hypothesis-show-statistics $(PYTEST_ARGS)
 
 # The bench extra (FastAPI peer, uvicorn, py-spy) has its own stamp; h2load comes from apt.
 BENCH_STAMP := $(VENV)/.installed-bench

@@ -368,12 +368,13 @@ async def test_metrics_count_calls_by_method_and_status(server_factory: ServerFa
     body = (await reader.read()).decode()
     writer.close()
     assert body.startswith("HTTP/1.1 200 OK")
-    assert 'oo_rpc_total{method="Score",code="OK"} 1' in body
-    assert 'oo_rpc_total{method="Score",code="INVALID_ARGUMENT"} 1' in body
-    assert 'oo_rpc_total{method="Reward",code="NOT_FOUND"} 1' in body
-    assert 'oo_rpc_seconds_count{method="Score"} 2' in body
-    assert 'oo_rpc_seconds_bucket{method="Score",le="+Inf"} 2' in body
-    assert "oo_background_failures 0" in body
+    assert 'oo_rpc_total{code="OK",method="Score"} 1.0' in body
+    assert 'oo_rpc_total{code="INVALID_ARGUMENT",method="Score"} 1.0' in body
+    assert 'oo_rpc_total{code="NOT_FOUND",method="Reward"} 1.0' in body
+    assert 'oo_rpc_seconds_count{method="Score"} 2.0' in body
+    assert 'oo_rpc_seconds_bucket{le="+Inf",method="Score"} 2.0' in body
+    assert "oo_background_failures_total 0.0" in body
+    assert "process_cpu_seconds_total" in body
 
 
 async def test_calls_cut_by_their_deadline_leave_the_server_healthy(server: Running) -> None:

@@ -318,6 +318,13 @@ def _cards(ns: argparse.Namespace) -> int:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="oo-ml", description="oO tips scoring server")
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
+    p.add_argument(
+        "--log-format",
+        choices=("json", "text"),
+        default=None,
+        help="json (one object a line, with request_id) or text; default: text on a"
+        " terminal, json otherwise",
+    )
     sub = p.add_subparsers(dest="command", required=True)
     serve = sub.add_parser(
         "serve",
@@ -455,10 +462,11 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     ns = parser().parse_args(argv)
-    logging.basicConfig(
-        level=getattr(logging, str(ns.log_level).upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
+    from oo_ml.app import logs
+
+    logs.configure(
+        ns.log_format or logs.default_format(),
+        getattr(logging, str(ns.log_level).upper(), logging.INFO),
     )
     try:
         result: int = ns.func(ns)

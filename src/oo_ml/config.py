@@ -111,6 +111,11 @@ class ServerConfig:
         "Allow a non-loopback OO_HOST without TLS or without OO_AUTH_TOKEN (refused otherwise).",
         "--insecure",
     )
+    reflection: str = setting(
+        "auth",
+        "OO_REFLECTION",
+        "Server reflection: auth (needs OO_AUTH_TOKEN's token when set) or public.",
+    )
 
     @property
     def tls(self) -> bool:
@@ -362,6 +367,8 @@ class Config:
             )
         if self.llm.concurrency < 1 or self.llm.retries < 0:
             problems.append("OO_LLM_CONCURRENCY must be >= 1 and OO_LLM_RETRIES >= 0")
+        if self.server.reflection not in ("auth", "public"):
+            problems.append("OO_REFLECTION must be auth or public")
         if problems:
             raise ValueError("; ".join(problems))
 

@@ -106,7 +106,7 @@ class App:
         if ingest is not None:
             ingest.attach(engine)
             self.ingest = ingest
-            self.metrics.gauges(lambda: {f"oo_ingest_{k}": v for k, v in ingest.stats().items()})
+            self.metrics.ingest(ingest.stats)
 
         server = grpc.aio.server(
             options=[
@@ -116,7 +116,8 @@ class App:
                 ("grpc.so_reuseport", 0),
             ],
         )
-        EdgeGuard(cfg.server.auth_token, cfg.server.admin_token, self.metrics).register(
+        guard = EdgeGuard(cfg.server.auth_token, cfg.server.admin_token, self.metrics)
+        guard.register(
             server,
             scoring_pb2_grpc.add_ScoringServiceServicer_to_server,
             ScoringService(
@@ -127,13 +128,14 @@ class App:
             ),
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection(
+        guard.register_reflection(
+            server,
             (
                 scoring_pb2.DESCRIPTOR.services_by_name["ScoringService"].full_name,
                 health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                 reflection.SERVICE_NAME,
             ),
-            server,
+            public=cfg.server.reflection == "public",
         )
         address = f"{cfg.server.host}:{cfg.server.port}"
         if tls is None:
@@ -143,7 +145,7 @@ class App:
             self.port = server.add_secure_port(address, creds)
         if self.port == 0:
             raise OSError(f"cannot bind {cfg.server.host}:{cfg.server.port}")
-        self.metrics.gauges(lambda: _engine_gauges(engine))
+        self.metrics.engine(engine)
         if cfg.server.metrics_port is not None:
             self._metrics_endpoint = MetricsEndpoint(
                 self.metrics, cfg.server.host, cfg.server.metrics_port
@@ -247,27 +249,6 @@ class App:
 
 async def _await(w: Awaitable[object]) -> None:
     await w
-
-
-def _engine_gauges(engine: ScoringEngine) -> dict[str, float]:
-    out: dict[str, float] = {
-        "oo_background_failures": engine.background_failures,
-        "oo_users_locked": engine.users_locked,
-        "oo_decisions_set_aside": engine.upkeep.set_aside,
-        "oo_decision_log_rows": engine.upkeep.log_rows,
-        "oo_decision_log_bytes": engine.upkeep.log_bytes,
-        "oo_decision_log_pruned_for_size": engine.upkeep.pruned_for_size,
-        "oo_decision_log_buffered": len(engine.log.pending_records()),
-        "oo_decision_log_dropped": engine.log.counters.dropped,
-        "oo_model_cache_entries": len(engine.models),
-        "oo_model_cache_bytes": engine.models.bytes,
-        "oo_shadow_samples_dropped": engine.shadows.counters.dropped,
-    }
-    for job in engine.upkeep.status():
-        out[f'oo_upkeep_failures_total{{job="{job.name}"}}'] = job.failures_total
-        out[f'oo_upkeep_consecutive_failures{{job="{job.name}"}}'] = job.consecutive_failures
-        out[f'oo_upkeep_last_success_timestamp_seconds{{job="{job.name}"}}'] = job.last_success_at
-    return out
 
 
 async def serve(config: Config) -> None:

@@ -17,7 +17,13 @@ lookup or building:
   nearest listed ancestor wins); INVALID_ARGUMENT carries a `google.rpc.BadRequest` with one
   field violation per bad field. Anything else is INTERNAL with a generic message, and
   logged with its traceback.
-- metrics: every call is counted by method and final status, CANCELLED included.
+- metrics: every call is counted by method and final status, CANCELLED included; a body
+  that does not decode is also counted in `oo_bad_requests_total{reason="undecodable"}`.
+- request id: each call gets one (the client's `x-request-id` when sane, else a new one),
+  set in a contextvar that log lines inside the call carry, and sent back as the
+  `x-request-id` initial metadata.
+- logs: client errors (any status but INTERNAL) are logged at most once per method and
+  status per 10 s, with the count suppressed, and never with a traceback.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ import grpc
 from google.protobuf.message import DecodeError
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
+from oo_ml.app.logs import ClientErrors, request_id, sane_request_id
 from oo_ml.app.metrics import Metrics
 from oo_ml.errors import (
     BadEvent,
@@ -102,6 +109,11 @@ if TYPE_CHECKING:
     Handler = grpc.RpcMethodHandler[Any, Any]
 
 _BEARER = "bearer "
+REQUEST_ID = "x-request-id"
+
+
+class Undecodable(InvalidArgument):
+    """The request body is not a valid message of the method's request type."""
 
 
 class EdgeGuard:
@@ -113,6 +125,7 @@ class EdgeGuard:
         self.token = token.encode() if token is not None else None
         self.admin_token = admin_token.encode() if admin_token is not None else None
         self.metrics = metrics or Metrics()
+        self.client_errors = ClientErrors(log)
 
     def register(
         self,
@@ -135,6 +148,29 @@ class EdgeGuard:
         )
         # Registered methods skip grpc's per-call lookup of a generic handler.
         server.add_registered_method_handlers(captured.service, wrapped)
+
+    def register_reflection(
+        self, server: grpc.aio.Server, service_names: tuple[str, ...], public: bool
+    ) -> None:
+        """Server reflection behind the same guard as the API (`OO_REFLECTION=auth`): with
+        auth on, listing or describing services needs a token. `public` opens it. Only the
+        reflection handler is wrapped: Score's path is unchanged."""
+        from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
+
+        guard = EdgeGuard(None, None, self.metrics) if public else self
+        guard.register(
+            server,
+            reflection_pb2_grpc.add_ServerReflectionServicer_to_server,
+            reflection.aio.ReflectionServicer(service_names),
+        )
+
+    @staticmethod
+    def _start(context: Context) -> None:
+        """The call's request id: into the contextvar, and back to the client."""
+        given = next((v for k, v in context.invocation_metadata() or () if k == REQUEST_ID), None)
+        rid = sane_request_id(given)
+        request_id.set(rid)
+        context.set_trailing_metadata(((REQUEST_ID, rid),))
 
     def _authorize(self, method: str, context: Context) -> None:
         """OO_AUTH_TOKEN guards every RPC; OO_ADMIN_TOKEN guards the admin RPCs (and is
@@ -165,14 +201,24 @@ class EdgeGuard:
             raise Unauthenticated("missing bearer token (authorization: Bearer <token>)")
         return header[len(_BEARER) :].strip().encode("latin-1", "replace")
 
-    async def _fail(self, context: Context, err: BaseException) -> None:
+    async def _fail(self, method: str, context: Context, err: BaseException) -> None:
+        rid = ((REQUEST_ID, request_id.get() or ""),)
         if isinstance(err, OoError):
             code, message, trailers = status_of(err)
-            await context.abort(code, message, trailing_metadata=trailers)
+            if isinstance(err, Undecodable):
+                self.metrics.bad_request(method.rsplit("/", 1)[-1], "undecodable")
+            if code is not grpc.StatusCode.INTERNAL:
+                self.client_errors(method, code.name, message)
+            else:
+                log.error("internal error on %s", method, exc_info=err)
+            await context.abort(code, message, trailing_metadata=trailers + rid)
         if isinstance(err, TimeoutError):
-            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
-        log.error("unhandled error", exc_info=err)
-        await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+            self.client_errors(method, "DEADLINE_EXCEEDED", "deadline exceeded")
+            await context.abort(
+                grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded", trailing_metadata=rid
+            )
+        log.error("unhandled error on %s", method, exc_info=err)
+        await context.abort(grpc.StatusCode.INTERNAL, "internal error", trailing_metadata=rid)
 
     def _wrap(self, method: str, handler: Handler) -> Handler:
         """The handler with auth before decoding, deadline, metrics and error mapping,
@@ -182,6 +228,7 @@ class EdgeGuard:
         checks_auth = self.token is not None or self.admin_token is not None
         authorize = self._authorize
         fail = self._fail
+        start = self._start
         if handler.unary_unary is not None:
             # The grpc stubs type handlers as sync; under grpc.aio they are coroutines.
             inner: Any = handler.unary_unary
@@ -189,6 +236,7 @@ class EdgeGuard:
             async def unary(raw: bytes, context: Context) -> Any:
                 started, code = time.perf_counter(), "OK"
                 try:
+                    start(context)
                     if checks_auth:
                         authorize(method, context)
                     budget = context.time_remaining()
@@ -208,7 +256,7 @@ class EdgeGuard:
                     code = _code_name(e)
                     if _is_abort(e):
                         raise
-                    await fail(context, e)
+                    await fail(method, context, e)
                 finally:
                     record(code, time.perf_counter() - started)
 
@@ -223,6 +271,7 @@ class EdgeGuard:
                 # in grpc's write reads as CANCELLED. grpc.aio ends a stream at its deadline.
                 started, code = time.perf_counter(), "OK"
                 try:
+                    start(context)
                     if checks_auth:
                         authorize(method, context)
                     budget = context.time_remaining()
@@ -237,12 +286,40 @@ class EdgeGuard:
                     code = _code_name(e)
                     if _is_abort(e):
                         raise
-                    await fail(context, e)
+                    await fail(method, context, e)
                 finally:
                     record(code, time.perf_counter() - started)
 
             return grpc.unary_stream_rpc_method_handler(
                 stream, request_deserializer=None, response_serializer=handler.response_serializer
+            )
+        if handler.stream_stream is not None:
+            # Server reflection: the token is checked before the first request is read.
+            inner_bidi: Any = handler.stream_stream
+
+            async def bidi(requests: AsyncIterator[Any], context: Context) -> AsyncIterator[Any]:
+                started, code = time.perf_counter(), "OK"
+                try:
+                    start(context)
+                    if checks_auth:
+                        authorize(method, context)
+                    async for item in inner_bidi(requests, context):
+                        yield item
+                except asyncio.CancelledError:
+                    code = "CANCELLED"
+                    raise
+                except Exception as e:
+                    code = _code_name(e)
+                    if _is_abort(e):
+                        raise
+                    await fail(method, context, e)
+                finally:
+                    record(code, time.perf_counter() - started)
+
+            return grpc.stream_stream_rpc_method_handler(
+                bidi,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
             )
         return handler
 
@@ -274,7 +351,7 @@ def _decoder(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], An
             return deserialize(raw)
         except (DecodeError, RuntimeError, ValueError) as e:
             # upb raises DecodeError; some malformed inputs surface as RuntimeError.
-            raise InvalidArgument(f"the request body is not a valid {name}: {e}") from None
+            raise Undecodable(f"the request body is not a valid {name}: {e}") from None
 
     return decode
 
