@@ -210,7 +210,7 @@ class ScoringConfig:
     shadow_cpu_share: float = setting(
         0.1,
         "OO_SHADOW_CPU_SHARE",
-        "Most of the event loop's time shadow scoring may take; past it, shadows drop and count.",
+        "Most of the event loop's time shadow scoring may take; past it, it waits and the queue fills.",
     )
 
 

@@ -229,7 +229,7 @@ def _engine_families(engine: ScoringEngine) -> Iterable[Metric]:
     shadows = CounterMetricFamily(
         "oo_shadow_events", "Shadow scoring: decisions by outcome.", labels=("event",)
     )
-    for event in ("offered", "scored", "dropped_full", "dropped_budget", "failures"):
+    for event in ("offered", "scored", "dropped_full", "failures"):
         shadows.add_metric((event,), getattr(sc, event))
     yield shadows
     models = engine.models

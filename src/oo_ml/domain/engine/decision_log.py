@@ -71,6 +71,9 @@ class DecisionLog:
         self._waiters: list[asyncio.Future[None]] = []
         self._closed = False
         self._inflight = False
+        # Decisions in the commit under way: never dropped (their writes are not in
+        # `_writes` but in that commit, and come back here if it fails).
+        self._inflight_ids: set[str] = set()
         self._task: asyncio.Task[None] | None = None
 
     # -- the hot path ---------------------------------------------------------------------
@@ -134,7 +137,13 @@ class DecisionLog:
             failures += 1
             await asyncio.sleep(min(0.05 * 2**failures, _MAX_RETRY_S))
             if self._closed and failures >= 3:
-                return  # closing on a store that keeps failing: close() reports the loss
+                # Closing on a store that keeps failing: close() reports the loss, and
+                # nobody waits forever for a commit that will not come.
+                for w in self._waiters:
+                    if not w.done():
+                        w.set_exception(TransientStoreError("the decision log could not commit"))
+                self._waiters = []
+                return
 
     async def _flush_once(self) -> bool:
         writes, self._writes = self._writes, []
@@ -145,6 +154,7 @@ class DecisionLog:
                     w.set_result(None)
             return True
         self._inflight = True
+        self._inflight_ids = {w.record.decision_id for w in writes if isinstance(w, InsertDecision)}
         try:
             await self.store.commit(writes)
         except TransientStoreError as e:
@@ -159,9 +169,11 @@ class DecisionLog:
             # by one so the others land, and drop the bad ones with the reason.
             self.counters.commit_failures += 1
             log.error("decision log commit failed (%s); committing one by one", e)
-            writes = await self._one_by_one(writes)
+            writes, retry = await self._one_by_one(writes)
+            self._writes = retry + self._writes
         finally:
             self._inflight = False
+            self._inflight_ids = set()
         self.counters.commits += 1
         durable = [w.record for w in writes if isinstance(w, InsertDecision)]
         for record in durable:
@@ -172,14 +184,22 @@ class DecisionLog:
                 w.set_result(None)
         if self.on_durable is not None:
             for record in durable:
-                self.on_durable(record)
+                try:
+                    self.on_durable(record)
+                except Exception:  # a listener's bug must not stop the log
+                    log.exception("decision listener failed on %s", record.decision_id)
         return True
 
-    async def _one_by_one(self, writes: list[Write]) -> list[Write]:
+    async def _one_by_one(self, writes: list[Write]) -> tuple[list[Write], list[Write]]:
+        """(landed, to retry): a write the store refuses is dropped with its reason; one it
+        could not commit for now (a transient failure) goes back to the buffer."""
         landed: list[Write] = []
+        retry: list[Write] = []
         for w in writes:
             try:
                 await self.store.commit([w])
+            except TransientStoreError:
+                retry.append(w)
             except Exception as e:
                 if isinstance(w, InsertDecision):
                     self._records.pop(w.record.decision_id, None)
@@ -187,11 +207,18 @@ class DecisionLog:
                 log.error("decision log write dropped: %s: %s", type(w).__name__, e)
             else:
                 landed.append(w)
-        return landed
+        return landed, retry
 
     def _drop_oldest(self) -> None:
-        excess = len(self._records) - self.max_buffered
-        gone = set(list(self._records)[:excess])
+        # A tenth of the cap at once, so that a store that stays down costs one drop per
+        # tenth of the buffer, not a rebuild of the buffer per Score.
+        excess = len(self._records) - self.max_buffered + max(self.max_buffered // 10, 1)
+        gone: set[str] = set()
+        for decision_id in self._records:
+            if len(gone) >= excess:
+                break
+            if decision_id not in self._inflight_ids:
+                gone.add(decision_id)
         for decision_id in gone:
             del self._records[decision_id]
         self._writes = [

@@ -53,6 +53,9 @@ class Models:
         # Bumped when a prior changes: views made from an older prior are rebuilt.
         self._prior_generation = 0
         self.bytes = 0
+        # Bumped when a user's entries are forgotten (a reset, a conflict): a store read
+        # that started before must not cache what it read.
+        self._generation: dict[str, int] = {}
         self.hits = 0
         self.misses = 0
         self.evictions = 0
@@ -70,6 +73,7 @@ class Models:
             return cached[0], cached[1]
         self.misses += 1
         fv = FEATURE_VERSIONS[policy.feature_version]
+        generation = self._generation.get(user_id, 0)
         stored = await self.store.get(user_id, policy.name)
         if stored is None:
             revision, state = 0, empty_state(policy.name, fv.name, fv.dim, self.config.ridge_lambda)
@@ -82,7 +86,8 @@ class Models:
         current = self._cache.get(key)
         if current is not None and current[0] >= revision:
             return current[0], current[1]
-        self.put(user_id, policy.name, revision, state)
+        if self._generation.get(user_id, 0) == generation:
+            self.put(user_id, policy.name, revision, state)
         return revision, state
 
     async def for_scoring(self, user_id: str, policy: Policy, arms: Sequence[str]) -> PolicyState:
@@ -127,11 +132,16 @@ class Models:
 
     def forget(self, user_id: str, policy: str) -> None:
         """Drop an entry the store may have moved past (a conflict, another writer)."""
+        self._generation[user_id] = self._generation.get(user_id, 0) + 1
+        if len(self._generation) > 4 * max(len(self._cache), 1024):
+            # Only reads under way care about a mark; old ones can go.
+            self._generation.clear()
         old = self._cache.pop((user_id, policy), None)
         if old is not None:
             self.bytes -= old[2]
 
     def forget_user(self, user_id: str) -> None:
+        self._generation[user_id] = self._generation.get(user_id, 0) + 1
         for key in [k for k in self._cache if k[0] == user_id]:
             self.forget(*key)
 

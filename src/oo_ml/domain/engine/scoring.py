@@ -238,6 +238,12 @@ class ScoringEngine:
                 states = [w for w in writes if isinstance(w, PutState)]
                 try:
                     revisions = await self.store.commit(writes)
+                except asyncio.CancelledError:
+                    # Cancelled at a deadline: the commit may still land. The cache must
+                    # not keep the old model, so read it again next time.
+                    for w in states:
+                        self.models.forget(w.user_id, w.policy)
+                    raise
                 except Conflict:
                     # Another writer moved a model (or rewarded the decision): read again.
                     for w in states:

@@ -5,9 +5,10 @@ A shadow never changes what the user sees, and never slows it down:
 
 - Score only offers the decision to a bounded queue; a full queue drops it and counts it.
 - One worker scores the queue. Its share of the event loop is capped by a token bucket
-  (`OO_SHADOW_CPU_SHARE`): when the server is saturated, shadow samples are dropped and
-  counted instead of taking time from Score. Off-policy estimates need a sample of the
-  traffic, not all of it; `dropped` says how much was skipped.
+  (`OO_SHADOW_CPU_SHARE`): past it, the worker waits for the bucket to refill, the queue
+  fills, and what no longer fits is dropped and counted instead of taking time from Score.
+  Off-policy estimates need a sample of the traffic, not all of it; `dropped` says how
+  much was skipped.
 - A shadow's view of a decision (its choice, its propensities and its model's estimates for
   every logged candidate) goes to the decision log as a row of its own (`AttachShadows`),
   riding the same group commit as the decisions.
@@ -45,12 +46,11 @@ class ShadowCounters:
     offered: int = 0
     scored: int = 0
     dropped_full: int = 0
-    dropped_budget: int = 0
     failures: int = 0
 
     @property
     def dropped(self) -> int:
-        return self.dropped_full + self.dropped_budget
+        return self.dropped_full
 
 
 class Shadows:
@@ -97,11 +97,13 @@ class Shadows:
 
     async def _work(self) -> None:
         while not self._queue.empty():
+            if not self._spend():
+                # Over the budget: wait for the bucket to refill instead of dropping what
+                # is queued (the queue's bound drops, counted, when Score outpaces us).
+                await asyncio.sleep(-self._tokens / self.cpu_share + 0.001)
+                continue
             record, assembled, shadows = self._queue.get_nowait()
             try:
-                if not self._spend():
-                    self.counters.dropped_budget += 1
-                    continue
                 started = time.perf_counter()
                 await self.score(record, assembled, shadows)
                 self._tokens -= time.perf_counter() - started

@@ -201,7 +201,10 @@ class SqliteDB:
             return int(pages), int(done)
 
         self._queue.put(_Op(truncate, fut, alone=True))
-        return await asyncio.wrap_future(fut)
+        try:
+            return await asyncio.wrap_future(fut)
+        except sqlite3.OperationalError as e:
+            raise TransientStoreError(f"sqlite checkpoint: {e}") from e
 
     async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run a read-only fn(conn) on the reader, which sees every committed write."""

@@ -123,6 +123,8 @@ MIGRATIONS: list[str] = [
         data BLOB NOT NULL
     ) WITHOUT ROWID;
     """,
+    # Pruning by age and by size walks rewarded decisions by reward time.
+    "CREATE INDEX decisions_rewarded ON decisions (rewarded_at) WHERE reward IS NOT NULL;",
     # `oo-ml migrate`: the last user done of each (from, to) state migration, to resume.
     """
     CREATE TABLE state_migrations (
@@ -185,9 +187,11 @@ def _apply(conn: sqlite3.Connection, w: Write, revisions: dict[tuple[str, str], 
                 (r.user_id, r.policy, r.chosen.arm),
             )
         case AttachShadows(decision_id, views, vectors):
+            # Only beside a decision still logged (not reset or dropped meanwhile).
             conn.execute(
-                "INSERT OR REPLACE INTO decision_shadows (decision_id, data) VALUES (?, ?)",
-                (decision_id, encode_shadow_views(views, vectors)),
+                "INSERT OR REPLACE INTO decision_shadows (decision_id, data) SELECT ?, ?"
+                " WHERE EXISTS (SELECT 1 FROM decisions WHERE decision_id = ?)",
+                (decision_id, encode_shadow_views(views, vectors), decision_id),
             )
         case MarkRewarded(decision_id, reward, at, source):
             cur = conn.execute(
