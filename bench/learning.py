@@ -191,7 +191,11 @@ def run_vw(world: World, kind: str, shared: bool, scoring: ScoringConfig) -> Flo
             pmf = np.asarray(vw.predict(_vw_example(x, uid, None)), dtype=np.float64)
             pmf = pmf / pmf.sum()
             rng = rng_for(decision_id(cfg.seed, r, u), kind)
-            arm = int(rng.choice(len(ARMS), p=pmf))
+            # Sample the pmf with the decision's uniform (the same draw every run).
+            cdf = np.cumsum(pmf)
+            arm = min(
+                int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right")), len(ARMS) - 1
+            )
             reward = world.reward(r, u, arm)
             vw.learn(_vw_example(x, uid, (arm, 1.0 - reward, float(pmf[arm]))))
             per_user[u] += _regret(world, r, u, arm)
