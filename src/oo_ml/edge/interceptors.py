@@ -202,6 +202,9 @@ class EdgeGuard:
         return header[len(_BEARER) :].strip().encode("latin-1", "replace")
 
     async def _fail(self, method: str, context: Context, err: BaseException) -> None:
+        """End the call with err's status (always raises); an abort passes through."""
+        if _is_abort(err):
+            raise err
         rid = ((REQUEST_ID, request_id.get() or ""),)
         if isinstance(err, OoError):
             code, message, trailers = status_of(err)
@@ -254,8 +257,6 @@ class EdgeGuard:
                     raise
                 except Exception as e:
                     code = _code_name(e)
-                    if _is_abort(e):
-                        raise
                     await fail(method, context, e)
                 finally:
                     record(code, time.perf_counter() - started)
@@ -284,8 +285,6 @@ class EdgeGuard:
                     raise
                 except Exception as e:
                     code = _code_name(e)
-                    if _is_abort(e):
-                        raise
                     await fail(method, context, e)
                 finally:
                     record(code, time.perf_counter() - started)
@@ -310,8 +309,6 @@ class EdgeGuard:
                     raise
                 except Exception as e:
                     code = _code_name(e)
-                    if _is_abort(e):
-                        raise
                     await fail(method, context, e)
                 finally:
                     record(code, time.perf_counter() - started)

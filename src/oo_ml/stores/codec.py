@@ -8,7 +8,7 @@ rather than guess at it.
 from __future__ import annotations
 
 import zlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -34,9 +34,9 @@ def _readable(what: str, decode: Callable[[bytes], T], data: bytes) -> T:
         raise UnreadableRecord(f"{what} does not decode: {type(e).__name__}: {e}") from None
 
 
-def _check(version: int, what: str) -> None:
-    if version > FORMAT_VERSION:
-        raise UnsupportedFormat(f"{what} format_version {version} is newer than {FORMAT_VERSION}")
+def _check(version: int, what: str, newest: int = FORMAT_VERSION) -> None:
+    if version > newest:
+        raise UnsupportedFormat(f"{what} format_version {version} is newer than {newest}")
 
 
 def encode_state(s: PolicyState) -> bytes:
@@ -167,7 +167,7 @@ def _floats(raw: bytes, n: int, what: str) -> list[float]:
 
 def _decode_decision(data: bytes, key: DecisionKey | None) -> DecisionRecord:
     msg = state_pb2.Decision.FromString(data)
-    _check_decision(msg.format_version)
+    _check(msg.format_version, "Decision", DECISION_FORMAT)
     n = len(msg.candidates)
     if msg.format_version >= 2:
         if key is None:
@@ -209,27 +209,10 @@ def _decode_decision(data: bytes, key: DecisionKey | None) -> DecisionRecord:
         chosen_index=msg.chosen_index,
         explored=msg.explored,
         created_at=created_at,
-        shadow_vectors={
-            v.feature_version: np.array(v.x, dtype=np.float64) for v in msg.shadow_vectors
-        },
-        shadows=tuple(
-            ShadowView(
-                policy=s.policy,
-                chosen_arm=s.chosen_arm,
-                logged_arm_propensity=s.logged_arm_propensity,
-                propensities=tuple(s.propensities),
-                estimates=tuple(s.estimates),
-            )
-            for s in msg.shadows
-        ),
+        # Format 1 kept the shadows' views in the record; format 2 stores them apart.
+        shadow_vectors=_vectors(msg.shadow_vectors),
+        shadows=_views(msg.shadows),
     )
-
-
-def _check_decision(version: int) -> None:
-    if version > DECISION_FORMAT:
-        raise UnsupportedFormat(
-            f"Decision format_version {version} is newer than {DECISION_FORMAT}"
-        )
 
 
 def encode_shadow_views(views: Sequence[ShadowView], vectors: Mapping[str, Vector]) -> bytes:
@@ -253,7 +236,11 @@ def decode_shadow_views(data: bytes) -> tuple[tuple[ShadowView, ...], dict[str, 
 
 def _decode_shadow_views(data: bytes) -> tuple[tuple[ShadowView, ...], dict[str, Vector]]:
     msg = state_pb2.ShadowViews.FromString(data)
-    views = tuple(
+    return _views(msg.shadows), _vectors(msg.shadow_vectors)
+
+
+def _views(shadows: Iterable[state_pb2.ShadowDecision]) -> tuple[ShadowView, ...]:
+    return tuple(
         ShadowView(
             policy=s.policy,
             chosen_arm=s.chosen_arm,
@@ -261,7 +248,9 @@ def _decode_shadow_views(data: bytes) -> tuple[tuple[ShadowView, ...], dict[str,
             propensities=tuple(s.propensities),
             estimates=tuple(s.estimates),
         )
-        for s in msg.shadows
+        for s in shadows
     )
-    vectors = {v.feature_version: np.array(v.x, dtype=np.float64) for v in msg.shadow_vectors}
-    return views, vectors
+
+
+def _vectors(vectors: Iterable[state_pb2.FeatureVector]) -> dict[str, Vector]:
+    return {v.feature_version: np.array(v.x, dtype=np.float64) for v in vectors}

@@ -97,11 +97,8 @@ class DecisionLog:
             self._writes.append(write)
             self._ensure_writer()
 
-    def pending(self, decision_id: str) -> DecisionRecord | None:
-        """The decision if it is still buffered (not committed yet)."""
-        return self._records.get(decision_id)
-
     def pending_records(self) -> Sequence[DecisionRecord]:
+        """The decisions buffered, not committed yet (operators and tests)."""
         return list(self._records.values())
 
     async def durable(self, decision_id: str | None = None) -> None:
