@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from oo.scoring.v1 import scoring_pb2 as pb
 from oo_ml.domain.features import Inputs, assemble
-from oo_ml.domain.rng import DecisionIds
+from oo_ml.domain.rng import DecisionIds, decision_time
 from oo_ml.edge.service import feature_bytes, feature_values
 from oo_ml.schema.contracts import ALL_FEATURES
 
@@ -41,3 +41,11 @@ def test_decision_ids_are_unique_hex_of_128_bits() -> None:
     assert len(set(drawn)) == len(drawn)
     assert all(len(d) == 32 and int(d, 16) >= 0 for d in drawn)
     assert DecisionIds()() not in drawn  # another instance draws its own bytes
+
+
+def test_decision_ids_start_with_their_time() -> None:
+    ids = DecisionIds(clock=lambda: 1_790_000_000.1234)
+    a, b = ids(), ids()
+    assert a[:12] == b[:12] == f"{1_790_000_000_123:012x}" and a[12:] != b[12:]
+    assert decision_time(a) == 1_790_000_000.123
+    assert decision_time("not-ours") is None and decision_time("z" * 32) is None

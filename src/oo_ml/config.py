@@ -116,6 +116,31 @@ class ServerConfig:
         "OO_REFLECTION",
         "Server reflection: auth (needs OO_AUTH_TOKEN's token when set) or public.",
     )
+    workers: int = setting(
+        1,
+        "OO_WORKERS",
+        "Server processes sharing the port (SO_REUSEPORT) and the store; 1: this process.",
+        "--workers",
+    )
+    state: str = setting(
+        "sqlite",
+        "OO_STATE",
+        "Where models, decisions and profiles live: sqlite (a file in the data dir) or nats"
+        " (JetStream KV and streams on OO_NATS_URL, shared by replicas).",
+        "--state",
+    )
+    nats_replicas: int = setting(
+        1,
+        "OO_NATS_REPLICAS",
+        "Replicas of each JetStream bucket and stream that OO_STATE=nats creates (3 on a"
+        " three-node cluster).",
+    )
+    join_wait_ms: float = setting(
+        1000.0,
+        "OO_DECISION_JOIN_WAIT_MS",
+        "With several workers or replicas, how long a Reward waits for a decision made"
+        " elsewhere in the last moments and not yet flushed, before NOT_FOUND.",
+    )
 
     @property
     def tls(self) -> bool:
@@ -369,6 +394,16 @@ class Config:
             problems.append("OO_LLM_CONCURRENCY must be >= 1 and OO_LLM_RETRIES >= 0")
         if self.server.reflection not in ("auth", "public"):
             problems.append("OO_REFLECTION must be auth or public")
+        if not 1 <= srv.workers <= 64:
+            problems.append(f"OO_WORKERS must be in [1, 64] (got {srv.workers})")
+        if srv.state not in ("sqlite", "nats"):
+            problems.append(f"OO_STATE must be sqlite or nats (got {srv.state!r})")
+        if srv.state == "nats" and ing.nats_url is None:
+            problems.append("OO_STATE=nats needs OO_NATS_URL (the NATS that replicas share)")
+        if not 1 <= srv.nats_replicas <= 5:
+            problems.append(f"OO_NATS_REPLICAS must be in [1, 5] (got {srv.nats_replicas})")
+        if not (math.isfinite(srv.join_wait_ms) and 0 <= srv.join_wait_ms <= 60_000):
+            problems.append("OO_DECISION_JOIN_WAIT_MS must be in [0, 60000]")
         if problems:
             raise ValueError("; ".join(problems))
 

@@ -101,7 +101,14 @@ class App:
             )
             features = tasks = profiles
             ingest = Ingest(cfg, profiles, self.health)
-        self.engine = engine = ScoringEngine(cfg.scoring, store, features, ALL_FEATURES)
+        shared = cfg.server.workers > 1 or cfg.server.state == "nats"
+        self.engine = engine = ScoringEngine(
+            cfg.scoring,
+            store,
+            features,
+            ALL_FEATURES,
+            join_wait_s=cfg.server.join_wait_ms / 1000 if shared else 0.0,
+        )
         self.generator = generator = self._make_generator(tasks)
         if ingest is not None:
             ingest.attach(engine)

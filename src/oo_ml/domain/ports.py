@@ -14,7 +14,8 @@ proto or a byte string.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import asyncio
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -133,6 +134,39 @@ class GenerationRecord:
     model: str
     fallback: bool
     created_at: float
+
+
+PROFILE = "@profile"
+"""The `Change.policy` of a write to a user's profile features or tasks (not a model)."""
+EVERY_POLICY = ""
+"""The `Change.policy` of a write to all the user's models at once (a reset)."""
+EVERY_USER = ""
+"""The `Change.user_id` when the feed lost track (it fell behind, the store was away):
+every cached entry may be stale."""
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """A write that some process sharing the store made (another worker or replica, or
+    this one): what an in-memory cache holding the key must drop or replace.
+
+    `policy` is a policy name, `EVERY_POLICY` (the user was reset) or `PROFILE`.
+    `revision` is the model's revision after the write (0: deleted). `state` is the new
+    model when the feed carries it (a NATS KV watch does), else None: re-read on use."""
+
+    user_id: str
+    policy: str
+    revision: int
+    state: PolicyState | None = None
+
+
+class ChangeFeed(Protocol):
+    """Changes to the shared store, in order, from when `follow` starts (ADR 0018)."""
+
+    async def follow(self, apply: Callable[[Sequence[Change]], None], stop: asyncio.Event) -> None:
+        """Call `apply` with each batch of changes until `stop` is set. Survives the
+        store going away for a while, and then reports an `EVERY_USER` change."""
+        ...
 
 
 class StateStore(Protocol):

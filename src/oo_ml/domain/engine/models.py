@@ -23,7 +23,7 @@ import numpy as np
 from oo_ml.config import ScoringConfig
 from oo_ml.domain.features import FEATURE_VERSIONS, Vector
 from oo_ml.domain.policies import Policy
-from oo_ml.domain.ports import StateStore
+from oo_ml.domain.ports import EVERY_POLICY, EVERY_USER, PROFILE, Change, StateStore
 from oo_ml.domain.state import PolicyState, empty_state
 
 # What a cached model costs beside its arrays: the dict entry, the dataclasses, the
@@ -59,6 +59,7 @@ class Models:
         self.hits = 0
         self.misses = 0
         self.evictions = 0
+        self.changes_seen = 0
 
     def __len__(self) -> int:
         return len(self._cache)
@@ -144,6 +145,33 @@ class Models:
         self._generation[user_id] = self._generation.get(user_id, 0) + 1
         for key in [k for k in self._cache if k[0] == user_id]:
             self.forget(*key)
+
+    def apply(self, changes: Sequence[Change]) -> None:
+        """Writes other processes made to the shared store (a change feed): a cached model
+        older than the change is replaced by the new one when the change carries it, else
+        forgotten, so the next read fetches it. Our own write-throughs come back through
+        the feed too, at a revision the cache already holds, and change nothing."""
+        self.changes_seen += len(changes)
+        for c in changes:
+            if c.user_id == EVERY_USER:
+                self.clear()
+            elif c.policy == EVERY_POLICY:
+                self.forget_user(c.user_id)
+            elif c.policy != PROFILE:
+                entry = self._cache.get((c.user_id, c.policy))
+                if entry is None:
+                    # Not cached, but a read may be under way: it must not cache an older one.
+                    self._generation[c.user_id] = self._generation.get(c.user_id, 0) + 1
+                elif c.revision == 0 or entry[0] < c.revision:
+                    if c.state is not None:
+                        self.put(c.user_id, c.policy, c.revision, c.state)
+                    else:
+                        self.forget(c.user_id, c.policy)
+
+    def clear(self) -> None:
+        """Forget every cached model (the change feed lost track of the store)."""
+        for user_id, policy in list(self._cache):
+            self.forget(user_id, policy)
 
     def cached(self, user_id: str, policy: str) -> tuple[int, PolicyState] | None:
         """The cached entry, for tests and operators; no store read, no LRU update."""

@@ -49,9 +49,10 @@ from oo_ml.domain.ports import (
     MarkRewarded,
     PutState,
     Store,
+    StoredDecision,
     Write,
 )
-from oo_ml.domain.rng import DecisionIds, rng_for
+from oo_ml.domain.rng import DecisionIds, decision_time, rng_for
 from oo_ml.errors import Conflict, FailedPrecondition, NotFound, Unavailable, UnknownPolicy
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,7 @@ class ScoringEngine:
         *,
         clock: Callable[[], float] = time.time,
         decision_ids: Callable[[], str] | None = None,
+        join_wait_s: float = 0.0,
     ) -> None:
         self.config = config
         self.store = store
@@ -77,6 +79,10 @@ class ScoringEngine:
         self.clock = clock
         # Random ids in service; a seeded sequence replays a whole run (tests, simulation).
         self.decision_ids = decision_ids or DecisionIds()
+        # With other workers or replicas on the store, a decision one of them made a
+        # moment ago may still be in its write-behind buffer: a Reward waits this long
+        # for it (from the decision's time, read from its id) before NOT_FOUND.
+        self.join_wait_s = join_wait_s
         self.policies: dict[str, Policy] = build_policies(config)
         for name in (config.default_policy, *config.shadow_policies):
             self.policy(name)  # fail at start-up, not at the first request
@@ -216,6 +222,8 @@ class ScoringEngine:
         await self.log.durable(decision_id)
         first = await self.store.get_decision(decision_id)
         if first is None:
+            first = await self._logged_elsewhere(decision_id)
+        if first is None:
             raise NotFound(f"decision {decision_id!r} not found")
         record = first.record
         if first.reward.reward is not None:
@@ -253,6 +261,24 @@ class ScoringEngine:
                     self.models.put(w.user_id, w.policy, revisions[(w.user_id, w.policy)], w.state)
                 return RewardResult(True, record.policy, record.chosen.arm)
         raise Unavailable(f"state of {record.user_id!r} kept changing; try again")
+
+    async def _logged_elsewhere(self, decision_id: str) -> StoredDecision | None:
+        """A decision another process made in the last `join_wait_s` and has not flushed
+        yet: wait for its flush (polling the store), until the decision's time plus the
+        wait. Older ids, and ids that carry no time, are not waited for."""
+        made_at = decision_time(decision_id)
+        if self.join_wait_s <= 0 or made_at is None:
+            return None
+        until = made_at + self.join_wait_s
+        if not made_at - 1.0 <= time.time() < until:  # a second of clock skew allowed
+            return None
+        pause = max(0.002, 2 * self.config.decision_flush_ms / 1000)
+        while time.time() < until:
+            await asyncio.sleep(min(pause, max(until - time.time(), 0.0)))
+            found = await self.store.get_decision(decision_id)
+            if found is not None:
+                return found
+        return None
 
     async def _reward_writes(
         self, record: DecisionRecord, reward: float, now: float, source: str
