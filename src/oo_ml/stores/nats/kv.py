@@ -1,0 +1,133 @@
+"""JetStream KV plumbing shared by the NATS stores: buckets, keys and compare-and-set.
+
+A KV key may only hold `[-/_=.a-zA-Z0-9]`, and `.` separates tokens; user ids and policy
+names are free text, so `token()` keeps a plain id as it is (prefixed `p`) and encodes any
+other in unpadded base32 (prefixed `b`): distinct ids never share a key.
+
+`update()` is the one way a read-modify-write happens: read the entry, compute the new
+value, write it with `update(key, value, last=revision)` (or `create` when there was
+none), and on a wrong-last-sequence error (another replica wrote first) wait a jittered,
+growing pause and start again from a fresh read. Nothing is lost to a concurrent writer:
+the loser recomputes from the winner's value.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import random
+import re
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import nats.js.errors
+from nats.js import JetStreamContext
+from nats.js.api import KeyValueConfig, StorageType
+from nats.js.kv import KeyValue
+
+from oo_ml.errors import Conflict
+
+T = TypeVar("T")
+
+_PLAIN = re.compile(r"[A-Za-z0-9_-]{1,100}")
+
+# Retries of a compare-and-set against other writers before giving up with Conflict; the
+# pause doubles from 2 ms, jittered, so 500 concurrent writers of one key spread out.
+CAS_ATTEMPTS = 64
+_FIRST_PAUSE_S = 0.002
+_MAX_PAUSE_S = 0.25
+
+
+def token(text: str) -> str:
+    """A KV key token for free text: `p<text>` when it is plain, else `b<base32>`."""
+    if _PLAIN.fullmatch(text):
+        return "p" + text
+    return "b" + base64.b32encode(text.encode()).decode().rstrip("=")
+
+
+def untoken(tok: str) -> str:
+    """The text of a `token()`."""
+    if tok.startswith("p"):
+        return tok[1:]
+    if tok.startswith("b"):
+        body = tok[1:]
+        return base64.b32decode(body + "=" * (-len(body) % 8)).decode()
+    raise ValueError(f"not a key token: {tok!r}")
+
+
+async def ensure_bucket(
+    js: JetStreamContext,
+    name: str,
+    *,
+    replicas: int,
+    ttl_s: float | None = None,
+    history: int = 1,
+) -> KeyValue:
+    """The bucket, created if it does not exist (on file storage, `replicas` copies)."""
+    try:
+        return await js.key_value(name)
+    except nats.js.errors.BucketNotFoundError:
+        pass
+    config = KeyValueConfig(
+        bucket=name,
+        history=history,
+        ttl=ttl_s,
+        replicas=replicas,
+        storage=StorageType.FILE,
+        direct=True,
+    )
+    try:
+        return await js.create_key_value(config=config)
+    except nats.js.errors.BadRequestError:
+        # Another replica created it between our two calls.
+        return await js.key_value(name)
+
+
+async def get(kv: KeyValue, key: str) -> tuple[int, bytes] | None:
+    """The key's revision and value; None when it does not exist (or was deleted)."""
+    try:
+        entry = await kv.get(key)
+    except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
+        return None
+    if entry.value is None:
+        return None
+    return entry.revision or 0, entry.value
+
+
+async def put_if(kv: KeyValue, key: str, value: bytes, last: int) -> int | None:
+    """Write `value` if the key's revision is `last` (0: the key must not exist); the new
+    revision, or None when another writer got there first."""
+    try:
+        if last == 0:
+            return await kv.create(key, value)
+        return await kv.update(key, value, last=last)
+    except nats.js.errors.KeyWrongLastSequenceError:
+        return None
+
+
+async def update(
+    kv: KeyValue,
+    key: str,
+    change: Callable[[bytes | None], Awaitable[tuple[bytes | None, T]]],
+    *,
+    attempts: int = CAS_ATTEMPTS,
+) -> tuple[int, T]:
+    """Read-modify-write `key` with compare-and-set, retried with jitter on a conflict.
+
+    `change(current)` returns the new value (None: write nothing) and a result; it may be
+    called several times and must not have effects of its own. Returns the revision
+    written (or read, when nothing was written) and the result of the call that won.
+    """
+    pause = _FIRST_PAUSE_S
+    for _ in range(attempts):
+        current = await get(kv, key)
+        revision, value = current if current is not None else (0, None)
+        new, result = await change(value)
+        if new is None:
+            return revision, result
+        written = await put_if(kv, key, new, revision)
+        if written is not None:
+            return written, result
+        await asyncio.sleep(random.uniform(0, pause))
+        pause = min(pause * 2, _MAX_PAUSE_S)
+    raise Conflict(f"{key!r} kept changing under {attempts} attempts; try again")
