@@ -247,7 +247,8 @@ class IngestConfig:
     nats_url: str | None = setting(
         None,
         "OO_NATS_URL",
-        "NATS server to use; unset: start a local nats-server under the data dir.",
+        "NATS server to use (a cluster's nodes separated by commas); unset: start a local"
+        " nats-server under the data dir.",
     )
     snoozed_reward: float = setting(
         0.2, "OO_SNOOZED_REWARD", "Reward of a snoozed tip (completed = 1, dismissed = 0)."

@@ -28,6 +28,7 @@ import grpc
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from nats.aio.client import Client
 
 from oo.scoring.v1 import scoring_pb2, scoring_pb2_grpc
 from oo_ml.app.metrics import Metrics, MetricsEndpoint
@@ -35,12 +36,14 @@ from oo_ml.app.tls import CertificateFiles, exposure_problem, server_credentials
 from oo_ml.config import Config
 from oo_ml.domain.engine import ScoringEngine
 from oo_ml.domain.features import FeatureStore, NoStoredFeatures, NoTasks, TaskSource
+from oo_ml.domain.ports import ChangeFeed, ProfileStore
 from oo_ml.edge.interceptors import SERVICE, EdgeGuard
 from oo_ml.edge.service import ScoringService
 from oo_ml.generate.generator import Generator
 from oo_ml.generate.prompts import check_config
-from oo_ml.ingest.runner import Ingest
+from oo_ml.ingest.runner import Ingest, connection_options, server_list
 from oo_ml.schema.contracts import ALL_FEATURES, MAX_CANDIDATES
+from oo_ml.stores.nats.scoring import NatsStore
 from oo_ml.stores.sqlite.profiles import SqliteProfileStore
 from oo_ml.stores.sqlite.scoring import SqliteStore
 
@@ -60,7 +63,7 @@ class App:
     config: Config
     port: int = 0
     engine: ScoringEngine | None = None
-    store: SqliteStore | None = None
+    store: SqliteStore | NatsStore | None = None
     generator: Generator | None = None
     health: health.aio.HealthServicer = field(default_factory=health.aio.HealthServicer)
     _server: grpc.aio.Server | None = None
@@ -71,6 +74,9 @@ class App:
     metrics: Metrics = field(default_factory=Metrics)
     _metrics_endpoint: MetricsEndpoint | None = None
     tls_files: CertificateFiles | None = None
+    # OO_STATE=nats: the store's own connection (ingest keeps its own).
+    _state_nc: Client | None = None
+    _feeds: list[ChangeFeed] = field(default_factory=list)
 
     async def start(self) -> int:
         cfg = self.config
@@ -88,17 +94,27 @@ class App:
                 f" ({max_candidates}, OO_MAX_CANDIDATES or scoring.proto's max_items)"
             )
         cfg.server.data_dir.mkdir(parents=True, exist_ok=True)
-        self.store = store = SqliteStore.open(cfg.server.data_dir / DB_FILE)
         features: FeatureStore = NoStoredFeatures()
         tasks: TaskSource = NoTasks()
         ingest: Ingest | None = None
-        if cfg.ingest.enabled:
-            profiles = SqliteProfileStore(
-                store.db,
-                cfg.ingest.dedupe_window_s,
-                ALL_FEATURES,
-                cache_s=cfg.scoring.feature_cache_s,
-            )
+        profiles: ProfileStore | None = None
+        store: SqliteStore | NatsStore
+        if cfg.server.state == "nats":
+            nats_store = await self._open_nats_store()
+            self.store = store = nats_store
+            if cfg.ingest.enabled:
+                raise ValueError("OO_STATE=nats with OO_INGEST: the profile store is not wired yet")
+        else:
+            sqlite_store = SqliteStore.open(cfg.server.data_dir / DB_FILE)
+            self.store = store = sqlite_store
+            if cfg.ingest.enabled:
+                profiles = SqliteProfileStore(
+                    sqlite_store.db,
+                    cfg.ingest.dedupe_window_s,
+                    ALL_FEATURES,
+                    cache_s=cfg.scoring.feature_cache_s,
+                )
+        if profiles is not None:
             features = tasks = profiles
             ingest = Ingest(cfg, profiles, self.health)
         shared = cfg.server.workers > 1 or cfg.server.state == "nats"
@@ -109,6 +125,9 @@ class App:
             ALL_FEATURES,
             join_wait_s=cfg.server.join_wait_ms / 1000 if shared else 0.0,
         )
+        if isinstance(store, NatsStore):
+            models = engine.models
+            self._feeds.append(store.change_feed(lambda u, p: models.cached(u, p) is not None))
         self.generator = generator = self._make_generator(tasks)
         if ingest is not None:
             ingest.attach(engine)
@@ -191,6 +210,29 @@ class App:
         async with asyncio.TaskGroup() as tg:
             tg.create_task(upkeep.run(self._stop_bg))
             tg.create_task(show_health())
+            for feed in self._feeds:
+                tg.create_task(feed.follow(self.engine.models.apply, self._stop_bg))
+
+    async def _open_nats_store(self) -> NatsStore:
+        """Connect to OO_NATS_URL (reconnecting forever) and open the JetStream store."""
+        cfg = self.config
+        assert cfg.ingest.nats_url is not None  # the config checks it
+        nc = Client()
+        self._state_nc = nc
+        await nc.connect(
+            servers=server_list(cfg.ingest.nats_url),
+            **connection_options(cfg.ingest),
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=1,
+            connect_timeout=2,
+            name="oo-ml-state",
+        )
+        return await NatsStore.open(
+            nc,
+            replicas=cfg.server.nats_replicas,
+            retention_s=cfg.scoring.decision_retention_s,
+            log_max_mb=cfg.scoring.decision_log_max_mb,
+        )
 
     def _make_generator(self, tasks: TaskSource) -> Generator:
         check_config(self.config.llm)  # an unknown DEFAULT_PROMPT_VERSION fails at start
@@ -235,6 +277,9 @@ class App:
             steps.append(("generator", self.generator.aclose))
         if self.store is not None:
             steps.append(("store", self.store.close))
+        if self._state_nc is not None:
+            nc = self._state_nc
+            steps.append(("store's NATS connection", nc.close))
         if self._metrics_endpoint is not None:
             steps.append(("metrics endpoint", self._metrics_endpoint.stop))
         first: BaseException | None = None

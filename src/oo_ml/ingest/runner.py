@@ -107,6 +107,12 @@ def connection_options(settings: IngestConfig) -> dict[str, Any]:
     return options
 
 
+def server_list(url: str) -> list[str]:
+    """OO_NATS_URL's servers: one URL, or several separated by commas (a cluster's
+    nodes, so the client can fail over when the one it uses goes away)."""
+    return [u.strip() for u in url.split(",") if u.strip()]
+
+
 class Ingest:
     def __init__(
         self,
@@ -255,7 +261,7 @@ class Ingest:
         # Our own Client object, so stop() can close it even while it is still connecting.
         self._nc = nc = Client()
         await nc.connect(
-            url,
+            servers=server_list(url),
             **connection_options(self.settings),
             name="oo-ml-ingest",
             max_reconnect_attempts=-1,

@@ -258,7 +258,13 @@ class ScoringEngine:
                         self.models.forget(w.user_id, w.policy)
                     continue
                 for w in states:  # write through: the cache holds what the store holds
-                    self.models.put(w.user_id, w.policy, revisions[(w.user_id, w.policy)], w.state)
+                    rev = revisions.get((w.user_id, w.policy))
+                    if rev is None:
+                        # The store kept its model: it had learned this reward already
+                        # (an earlier attempt that crashed or timed out). Read it again.
+                        self.models.forget(w.user_id, w.policy)
+                    else:
+                        self.models.put(w.user_id, w.policy, rev, w.state)
                 return RewardResult(True, record.policy, record.chosen.arm)
         raise Unavailable(f"state of {record.user_id!r} kept changing; try again")
 
