@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -57,7 +58,12 @@ from oo_ml.errors import Conflict, FailedPrecondition, NotFound, Unavailable, Un
 
 log = logging.getLogger(__name__)
 
-_CAS_ATTEMPTS = 8
+# A reward that keeps losing its compare-and-set to other writers (other workers or
+# replicas rewarding the same user) tries again after a jittered pause that doubles, so
+# that hundreds of concurrent rewards for one user spread out instead of colliding.
+_CAS_ATTEMPTS = 40
+_FIRST_PAUSE_S = 0.001
+_MAX_PAUSE_S = 0.1
 
 
 class ScoringEngine:
@@ -234,6 +240,7 @@ class ScoringEngine:
                 f" for {self.config.reward_window_s:.0f}s"
             )
         async with self.locks.hold(record.user_id):
+            pause = _FIRST_PAUSE_S
             for _ in range(_CAS_ATTEMPTS):
                 current = await self.store.get_decision(decision_id)
                 if current is None:
@@ -256,6 +263,8 @@ class ScoringEngine:
                     # Another writer moved a model (or rewarded the decision): read again.
                     for w in states:
                         self.models.forget(w.user_id, w.policy)
+                    await asyncio.sleep(random.uniform(0, pause))
+                    pause = min(2 * pause, _MAX_PAUSE_S)
                     continue
                 for w in states:  # write through: the cache holds what the store holds
                     rev = revisions.get((w.user_id, w.policy))

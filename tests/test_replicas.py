@@ -1,0 +1,103 @@
+"""Replicas on one JetStream (OO_STATE=nats): `oo-ml serve` processes sharing a single
+nats-server, and a three-node cluster with every bucket and stream at three replicas."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from oo.scoring.v1 import scoring_pb2 as pb
+from tests.conftest import oo_ml_bin
+from tests.natscluster import Replica, Topology, replica_env, single_node, three_nodes
+
+# Greedy on its model, no exploration: a Score's scores are the model's, so a replica's
+# answer shows which model it used.
+GREEDY = {"OO_POLICY": "egreedy-v2", "OO_EPSILON": "0", "OO_MIN_EXPLORATION": "0"}
+CANDIDATES = [pb.Candidate(tip_id=t) for t in ("walk", "read", "call")]
+
+
+@pytest.fixture(params=["single", "cluster"])
+async def topology(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Topology]:
+    opened = single_node if request.param == "single" else three_nodes
+    async with opened(tmp_path / "nats") as t:
+        yield t
+
+
+async def start_replicas(topology: Topology, root: Path, n: int, **env: str) -> list[Replica]:
+    settings = {**GREEDY, **env}
+    return list(
+        await asyncio.gather(
+            *(
+                Replica.start(
+                    oo_ml_bin(), root / f"r{i}", replica_env(topology, root / f"r{i}", **settings)
+                )
+                for i in range(n)
+            )
+        )
+    )
+
+
+def scores(resp: pb.ScoreResponse) -> dict[str, float]:
+    return {c.tip_id: c.score for c in resp.ranking}
+
+
+async def test_a_reward_through_one_replica_reaches_the_others(
+    topology: Topology, tmp_path: Path
+) -> None:
+    a, b, c = await start_replicas(topology, tmp_path, 3)
+    try:
+        req = pb.ScoreRequest(user_id="ana", candidates=CANDIDATES)
+        first = await a.stub.Score(req)
+        before_b = await b.stub.Score(req)  # B caches ana's model (untaught)
+        assert scores(before_b) == scores(first)
+        # A's decision, rewarded through C: C finds a decision it never saw.
+        done = await c.stub.Reward(pb.RewardRequest(decision_id=first.decision_id, reward=1.0))
+        assert done.applied
+        taught = scores(await c.stub.Score(req))
+        assert taught != scores(first)
+        # B's cached model follows within a second (the KV watch), without a restart.
+        t0 = time.monotonic()
+        while scores(await b.stub.Score(req)) != taught:
+            assert time.monotonic() - t0 < 1.0, "B still scores with the old model"
+            await asyncio.sleep(0.02)
+        stats = await b.stub.Stats(pb.StatsRequest(user_id="ana"))
+        assert sum(arm.rewarded for arm in stats.arms) == 1
+        # And A cannot reward it again.
+        again = await a.stub.Reward(pb.RewardRequest(decision_id=first.decision_id, reward=0.0))
+        assert not again.applied
+    finally:
+        for r in (a, b, c):
+            await r.close()
+
+
+async def test_500_concurrent_rewards_for_one_user_lose_none(
+    topology: Topology, tmp_path: Path
+) -> None:
+    replicas = await start_replicas(topology, tmp_path, 3)
+    try:
+        req = pb.ScoreRequest(user_id="bo", candidates=CANDIDATES)
+        turn = itertools.cycle(range(len(replicas)))
+        made = [next(turn) for _ in range(500)]
+        decisions = await asyncio.gather(*(replicas[i].stub.Score(req) for i in made))
+        # Each reward goes to another replica than the one that decided, all at once.
+        results = await asyncio.gather(
+            *(
+                replicas[(i + 1) % len(replicas)].stub.Reward(
+                    pb.RewardRequest(decision_id=d.decision_id, reward=1.0)
+                )
+                for i, d in zip(made, decisions, strict=True)
+            )
+        )
+        assert all(r.applied for r in results)
+        for r in replicas:  # every replica's view of bo's model counts all 500
+            stats = await r.stub.Stats(pb.StatsRequest(user_id="bo"))
+            assert sum(arm.rewarded for arm in stats.arms) == 500
+            assert stats.pending == 0
+    finally:
+        for r in replicas:
+            await r.close()
