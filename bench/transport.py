@@ -45,7 +45,7 @@ import threading
 import time
 import urllib.request
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -56,6 +56,7 @@ import grpc
 from bench import h2load
 from bench.echo import METHOD as ECHO_METHOD
 from oo.scoring.v1 import scoring_pb2 as pb
+from oo_ml.ingest.nats_server import LocalNatsServer
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -72,8 +73,10 @@ TARGET_ORDER = [
     "fastapi",
     "oo-ml (h2load, repeat)",
     "oo-ml fresh (grpc.aio)",
+    "oo-ml nats",
+    "oo-ml nats x2",
 ]
-ALL_PARTS = ("score", "reward", "latency", "profile", "disk", "rss")
+ALL_PARTS = ("score", "reward", "latency", "profile", "disk", "rss", "store")
 CANDIDATES = 10
 SERVED = "egreedy-v2"
 SHADOWS = "linucb,lints"
@@ -222,6 +225,16 @@ class Servers:
     def __init__(self) -> None:
         self._started: dict[str, Server] = {}
         self.commands: dict[str, str] = {}
+        # OO_STATE=nats targets share one nats-server (JetStream on a temporary store).
+        self._nats_dir: tempfile.TemporaryDirectory[str] | None = None
+        self._nats: LocalNatsServer | None = None
+
+    def nats_url(self) -> str:
+        if self._nats is None:
+            self._nats_dir = tempfile.TemporaryDirectory(prefix="oo-ml-bench-nats-")
+            self._nats = LocalNatsServer(Path(self._nats_dir.name))
+            asyncio.run(self._nats.start())
+        return self._nats.url
 
     def get(self, name: str) -> Server:
         if name in self._started:
@@ -234,6 +247,9 @@ class Servers:
             "oo-ml ingest": ("oo-ml", oo, oo_ml_env()),
             "oo-ml shadows": ("oo-ml", [*oo, "--no-ingest"], oo_ml_env(SHADOWS)),
         }
+        if name.startswith("oo-ml nats"):
+            nats_env = {**oo_ml_env(), "OO_STATE": "nats", "OO_NATS_URL": self.nats_url()}
+            specs[name] = ("oo-ml", [*oo, "--no-ingest"], nats_env)
         kind, args, env = specs[name]
         server = start(name, kind, args, env)
         envs = "".join(f"{k}={shlex.quote(v)} " for k, v in (env or {}).items())
@@ -250,6 +266,10 @@ class Servers:
     def stop_all(self) -> None:
         for s in self._started.values():
             s.stop()
+        if self._nats is not None:
+            self._nats.kill()
+        if self._nats_dir is not None:
+            self._nats_dir.cleanup()
 
 
 # ---------------------------------------------------------------- Python clients
@@ -479,9 +499,13 @@ class Bench:
         path: str,
         user_pool: str = "score",
         rps_total: float | None = None,
+        also: Sequence[Server] = (),
     ) -> Measurement:
-        """h2load with `connections` processes × 1 connection, each rotating its users."""
+        """h2load with `connections` processes × 1 connection, each rotating its users;
+        with `also`, connection c goes to ([server, *also])[c % n] (replicas)."""
         server.check_alive()
+        for other in also:
+            other.check_alive()
         segs = max(1, math.ceil(self.ns.seconds / self.ns.segment_s))
         users = self.users[user_pool].take(connections * segs)
         bodies = [make_body(u) for u in users]
@@ -492,15 +516,22 @@ class Bench:
             validate_grpc(server, ECHO_METHOD if server.kind == "echo" else SERVICE + path, bodies)
             headers, h1 = h2load.GRPC_HEADERS, False
             framed = [h2load.grpc_frame(b) for b in bodies]
-        url = server.url(
+        method = (
             ECHO_METHOD
             if server.kind == "echo"
             else (SERVICE + path if server.kind == "oo-ml" else path)
         )
+        group = [server, *also]
         rps = rps_total / connections if rps_total else None
         slots = [
             [
-                h2load.Segment(url=url, body=framed[c * segs + j], headers=headers, h1=h1, rps=rps)
+                h2load.Segment(
+                    url=group[c % len(group)].url(method),
+                    body=framed[c * segs + j],
+                    headers=headers,
+                    h1=h1,
+                    rps=rps,
+                )
                 for j in range(segs)
             ]
             for c in range(connections)
@@ -509,14 +540,15 @@ class Bench:
             f"{server.kind} {'h1' if h1 else 'grpc'}{' rps' if rps else ''}",
             h2load.example_command(slots[0][0], self.ns.seconds / segs),
         )
-        cpu0, busy0 = server.cpu_s(), machine_busy_s()
+        cpu0, busy0 = sum(g.cpu_s() for g in group), machine_busy_s()
         try:
             r = h2load.run(slots, self.ns.seconds, self.h2load)
         except RuntimeError:
             server.check_alive()
             raise
-        cpu, busy = server.cpu_s() - cpu0, machine_busy_s() - busy0
-        server.check_alive()
+        cpu, busy = sum(g.cpu_s() for g in group) - cpu0, machine_busy_s() - busy0
+        for g in group:
+            g.check_alive()
         m = Measurement(
             scenario=scenario,
             target=target,
@@ -647,6 +679,34 @@ class Bench:
             self.attempt("warm-up", partial(warm, targets))  # all warm before the first round
             for rnd in range(self.ns.rounds):
                 self.attempt(f"score round {rnd}", partial(one_round, conns, rnd, targets))
+
+    def part_store(self) -> None:
+        """Score on the SQLite store against the JetStream store (OO_STATE=nats, warm
+        caches, one local nats-server), and two JetStream replicas against one: the
+        connections split between the two replicas. Rounds interleaved."""
+        targets = ["oo-ml", "oo-ml nats", "oo-ml nats x2"]
+
+        def one_round(rnd: int) -> None:
+            for t in targets:
+                if t == "oo-ml nats x2":
+                    main, also = self.server("oo-ml nats"), [self.server("oo-ml nats b")]
+                else:
+                    main, also = self.server(t), []
+                self.measure(
+                    "store",
+                    t,
+                    main,
+                    connections=4,
+                    rnd=rnd,
+                    make_body=partial(score_request, policy=SERVED),
+                    path="Score",
+                    also=also,
+                )
+
+        for t in ("oo-ml", "oo-ml nats", "oo-ml nats b"):
+            self.attempt("warm-up", partial(self.server, t))
+        for rnd in range(self.ns.rounds):
+            self.attempt(f"store round {rnd}", partial(one_round, rnd))
 
     def part_reward(self) -> None:
         def one_round(rnd: int) -> None:
@@ -885,7 +945,7 @@ def median_of(
 
 def summarise(b: Bench) -> dict[str, Any]:
     ms = b.measurements
-    scenarios = ["score", "latency@half", "reward", "stats"]
+    scenarios = ["score", "latency@half", "reward", "stats", "store"]
     order = sorted(
         {(m.scenario, m.connections, m.target) for m in ms},
         key=lambda k: (scenarios.index(k[0]), k[1], TARGET_ORDER.index(k[2])),
@@ -967,6 +1027,28 @@ def targets(b: Bench, ms: list[Measurement]) -> list[dict[str, Any]]:
                 if fresh
                 else ""
             ),
+        )
+    sq, nt, nt2 = (
+        med("store", "oo-ml", 4),
+        med("store", "oo-ml nats", 4),
+        med("store", "oo-ml nats x2", 4),
+    )
+    if sq and nt:
+        r = nt / sq
+        add(
+            "Score QPS, NATS store (warm) / SQLite store",
+            r,
+            ">= 0.8",
+            r >= 0.8,
+            f"{nt:.0f} / {sq:.0f}",
+        )
+    if nt and nt2:
+        add(
+            "Score QPS, two NATS replicas / one",
+            nt2 / nt,
+            "(reported)",
+            None,
+            f"{nt2:.0f} / {nt:.0f}",
         )
     sh = med("score", "oo-ml shadows", 4)
     if sh and oo4:
@@ -1057,7 +1139,7 @@ def render(report: dict[str, Any]) -> str:
     for t in report["summary"]["targets"]:
         lines.append(
             f"| {t['target']} | {fmt(t['measured'])} | {t['floor']}"
-            f" | {'met' if t['met'] else 'MISSED'} | {t['detail']} |"
+            f" | {'—' if t['met'] is None else 'met' if t['met'] else 'MISSED'} | {t['detail']} |"
         )
     lines += ["", "## Load generator headroom", ""] + [f"- {h}" for h in report["headroom"]]
     top = report["extra"].get("profile_top")
