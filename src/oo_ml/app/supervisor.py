@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -219,7 +220,14 @@ class App:
         assert cfg.ingest.nats_url is not None  # the config checks it
         nc = Client()
         self._state_nc = nc
+        opened: list[NatsStore] = []
+
+        async def reconnected() -> None:
+            for store in opened:  # decisions another replica buffered may land late
+                store.reconnected_at = time.monotonic()
+
         await nc.connect(
+            reconnected_cb=reconnected,
             servers=server_list(cfg.ingest.nats_url),
             **connection_options(cfg.ingest),
             max_reconnect_attempts=-1,
@@ -227,12 +235,14 @@ class App:
             connect_timeout=2,
             name="oo-ml-state",
         )
-        return await NatsStore.open(
+        store = await NatsStore.open(
             nc,
             replicas=cfg.server.nats_replicas,
             retention_s=cfg.scoring.decision_retention_s,
             log_max_mb=cfg.scoring.decision_log_max_mb,
         )
+        opened.append(store)
+        return store
 
     def _make_generator(self, tasks: TaskSource) -> Generator:
         check_config(self.config.llm)  # an unknown DEFAULT_PROMPT_VERSION fails at start

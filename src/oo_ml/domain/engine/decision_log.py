@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -75,6 +76,8 @@ class DecisionLog:
         # `_writes` but in that commit, and come back here if it fails).
         self._inflight_ids: set[str] = set()
         self._task: asyncio.Task[None] | None = None
+        # When a commit last failed (time.monotonic()), for the engine's Reward.
+        self.failed_at = -float("inf")
 
     # -- the hot path ---------------------------------------------------------------------
 
@@ -156,6 +159,7 @@ class DecisionLog:
             await self.store.commit(writes)
         except TransientStoreError as e:
             self.counters.commit_failures += 1
+            self.failed_at = time.monotonic()
             # Keep the order: these come before anything buffered meanwhile.
             self._writes = writes + self._writes
             self._waiters = waiters + self._waiters

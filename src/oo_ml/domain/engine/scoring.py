@@ -54,7 +54,14 @@ from oo_ml.domain.ports import (
     Write,
 )
 from oo_ml.domain.rng import DecisionIds, decision_time, rng_for
-from oo_ml.errors import Conflict, FailedPrecondition, NotFound, Unavailable, UnknownPolicy
+from oo_ml.errors import (
+    Conflict,
+    FailedPrecondition,
+    NotFound,
+    TransientStoreError,
+    Unavailable,
+    UnknownPolicy,
+)
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +71,11 @@ log = logging.getLogger(__name__)
 _CAS_ATTEMPTS = 40
 _FIRST_PAUSE_S = 0.001
 _MAX_PAUSE_S = 0.1
+# After the store failed us (a broker restart, a lost connection), the process that made
+# a decision may still be retrying its flush: the decision log's backoff (up to 5 s) after
+# a publish that timed out (5 s). Until this long after the last failure, a decision not
+# found is UNAVAILABLE (retry) rather than NOT_FOUND, which a client takes as final.
+_STORE_SETTLE_S = 12.0
 
 
 class ScoringEngine:
@@ -89,6 +101,7 @@ class ScoringEngine:
         # moment ago may still be in its write-behind buffer: a Reward waits this long
         # for it (from the decision's time, read from its id) before NOT_FOUND.
         self.join_wait_s = join_wait_s
+        self._store_failed_at = -float("inf")  # monotonic; see _STORE_SETTLE_S
         self.policies: dict[str, Policy] = build_policies(config)
         for name in (config.default_policy, *config.shadow_policies):
             self.policy(name)  # fail at start-up, not at the first request
@@ -222,6 +235,22 @@ class ScoringEngine:
         self, decision_id: str, reward: float, *, source: str = "explicit", now: float | None = None
     ) -> RewardResult:
         """Apply a reward to a logged decision, once. A second reward changes nothing."""
+        try:
+            return await self._reward(decision_id, reward, source, now)
+        except TransientStoreError:
+            self._store_failed_at = time.monotonic()
+            raise
+
+    def _store_settling(self) -> bool:
+        """The store failed us moments ago (a Reward's call or a decision log flush)."""
+        # A store that knows when its connection came back says so (NatsStore).
+        reconnected = float(getattr(self.store, "failed_at", -float("inf")))
+        failed_at = max(self._store_failed_at, self.log.failed_at, reconnected)
+        return time.monotonic() - failed_at < _STORE_SETTLE_S
+
+    async def _reward(
+        self, decision_id: str, reward: float, source: str, now: float | None
+    ) -> RewardResult:
         now = self.clock() if now is None else now
         # A decision still in the write-behind buffer is committed first, so that the
         # reward's commit can find it (and a crash cannot keep a reward but lose its decision).
@@ -230,6 +259,11 @@ class ScoringEngine:
         if first is None:
             first = await self._logged_elsewhere(decision_id)
         if first is None:
+            if self.join_wait_s > 0 and self._store_settling():
+                # Another replica may hold it unflushed, retrying since the store came back.
+                raise Unavailable(
+                    f"decision {decision_id!r} not found while the store recovers; try again"
+                )
             raise NotFound(f"decision {decision_id!r} not found")
         record = first.record
         if first.reward.reward is not None:

@@ -216,6 +216,14 @@ class NatsStore:
         self._known_users: set[tuple[str, str]] = set()
         self._sweep_seq = 0
         self.unreadable_states = 0
+        # When the connection last came back (time.monotonic(); the supervisor's
+        # reconnected callback sets it): the engine's Reward reads it (`failed_at`).
+        self.reconnected_at = -float("inf")
+
+    @property
+    def failed_at(self) -> float:
+        """When the store was last away (its connection came back then)."""
+        return self.reconnected_at
 
     @classmethod
     async def open(
