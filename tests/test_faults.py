@@ -315,7 +315,12 @@ async def test_replica_killed_mid_batch(tmp_path: Path) -> None:
                 d.first = await reward(victim, d.decision_id, REWARD_DEADLINE_S)
 
             inflight = [asyncio.create_task(through_victim(d)) for d in batch]
-            await asyncio.sleep(0.15)
+            # Mid-batch: once some rewards of the batch have been answered (not after a
+            # fixed time, which a loaded machine may not keep).
+            deadline = time.monotonic() + 10
+            while sum(d.first == "applied" for d in batch) < 10:
+                assert time.monotonic() < deadline, "no reward of the batch was answered"
+                await asyncio.sleep(0.005)
             run.alive = [0]
             run.fault_start = time.monotonic()
             run.killed[1] = time.time()

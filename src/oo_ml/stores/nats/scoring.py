@@ -342,7 +342,7 @@ class NatsStore:
                 rev = await self.compare_and_set(w.user_id, w.policy, w.revision, w.state)
                 if rev is None:
                     raise Conflict(f"state of {w.user_id!r} under {w.policy!r} moved")
-        acks = await asyncio.gather(*futures)
+        acks = await _acks(futures)
         # The ledger counts each decision once: only for the first ack of its id (a
         # retried flush's duplicates do not count again), with the ledger's own message
         # ids for a retry of this step.
@@ -370,7 +370,7 @@ class NatsStore:
                         headers={"Nats-Msg-Id": f"g{r.decision_id}"},
                     )
                 )
-        await asyncio.gather(*ledger)
+        await _acks(ledger)
         new_users = [
             w.record for w in fresh if (w.record.policy, w.record.user_id) not in self._known_users
         ]
@@ -797,6 +797,25 @@ class NatsStore:
             return []
         found = await asyncio.gather(*(self._kv_get(self.tallies, k) for k in keys))
         return [_Tally.parse(f[1]) for f in found if f is not None]
+
+
+# How long a flush waits for JetStream's acks. A publish whose message or ack was lost
+# with a connection (a broker restart) would otherwise keep its future, and the decision
+# log's flush, waiting forever; past this, the flush fails and is retried as a whole
+# (message ids make the retry harmless).
+_ACK_TIMEOUT_S = 5.0
+
+
+async def _acks(futures: list[asyncio.Future[Any]]) -> list[Any]:
+    """The acks of published messages, or TimeoutError after `_ACK_TIMEOUT_S`; the
+    futures still waiting are cancelled (which frees their slots in nats-py's window of
+    pending publishes)."""
+    try:
+        return list(await asyncio.wait_for(asyncio.gather(*futures), _ACK_TIMEOUT_S))
+    except BaseException:
+        for f in futures:
+            f.cancel()
+        raise
 
 
 def _matches(key: str, pattern: str) -> bool:
