@@ -201,6 +201,12 @@ class MigrationStore(StateStore, Protocol):
 
 
 class Store(StateStore, Protocol):
+    @property
+    def away_until(self) -> float:
+        """`time.monotonic()` of when the store last came back from being unreachable (a
+        reconnect); -inf for a store that cannot be away (an embedded file)."""
+        ...
+
     async def commit(self, writes: Sequence[Write]) -> dict[tuple[str, str], int]:
         """Apply every write atomically and durably; raise Conflict if any condition fails.
         Returns the new revision of each state written."""

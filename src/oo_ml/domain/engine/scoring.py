@@ -243,9 +243,7 @@ class ScoringEngine:
 
     def _store_settling(self) -> bool:
         """The store failed us moments ago (a Reward's call or a decision log flush)."""
-        # A store that knows when its connection came back says so (NatsStore).
-        reconnected = float(getattr(self.store, "failed_at", -float("inf")))
-        failed_at = max(self._store_failed_at, self.log.failed_at, reconnected)
+        failed_at = max(self._store_failed_at, self.log.failed_at, self.store.away_until)
         return time.monotonic() - failed_at < _STORE_SETTLE_S
 
     async def _reward(

@@ -217,12 +217,11 @@ class NatsStore:
         self._sweep_seq = 0
         self.unreadable_states = 0
         # When the connection last came back (time.monotonic(); the supervisor's
-        # reconnected callback sets it): the engine's Reward reads it (`failed_at`).
+        # reconnected callback sets it).
         self.reconnected_at = -float("inf")
 
     @property
-    def failed_at(self) -> float:
-        """When the store was last away (its connection came back then)."""
+    def away_until(self) -> float:
         return self.reconnected_at
 
     @classmethod

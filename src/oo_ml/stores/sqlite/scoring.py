@@ -270,6 +270,10 @@ class SqliteStore:
         self._bytes_per_row: float | None = None
         self._sized_at = 0.0
 
+    @property
+    def away_until(self) -> float:
+        return -float("inf")  # a file on this machine is never away
+
     @classmethod
     def open(cls, path: Path | str) -> SqliteStore:
         return cls(SqliteDB(path, MIGRATIONS))
