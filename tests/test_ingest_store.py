@@ -30,7 +30,7 @@ from oo_ml.ingest.publisher import ServePublisher, served_envelope
 from oo_ml.ingest.streams import backoff_schedule, subject_covers
 from oo_ml.schema.contracts import ALL_FEATURES
 from oo_ml.stores.sqlite.db import SqliteDB
-from oo_ml.stores.sqlite.profile_writes import DAY_S
+from oo_ml.stores.profile_model import DAY_S
 from oo_ml.stores.sqlite.profiles import SqliteProfileStore
 from tests.natsfix import (
     COMPLETED,

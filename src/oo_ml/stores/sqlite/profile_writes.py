@@ -1,9 +1,10 @@
 """The ingest's writes: a batch of events -> rows of the profile tables, in one transaction.
 
-`plan_batch` aggregates a batch (per user and UTC day, per hour for completions) without
-touching the database, on the event loop; `record_events` runs on SQLite's writer thread
-inside one `SqliteDB.run`: it drops the events whose id is already recorded, then records
-the ids and applies the effects together. The tables are described in `profile_store`.
+`plan_batch` aggregates a batch (per user and UTC day, per hour for completions: the
+store-neutral `profile_model.effects_of`) without touching the database, on the event
+loop; `record_events` runs on SQLite's writer thread inside one `SqliteDB.run`: it drops
+the events whose id is already recorded, then records the ids and applies the effects
+together. The tables are described in `profiles`.
 """
 
 from __future__ import annotations
@@ -13,55 +14,14 @@ import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from oo_ml.domain.events import (
-    Action,
-    Event,
-    Integration,
-    IntegrationChange,
-    TaskSynced,
-    TipFeedback,
-    TipServed,
-    TipViewed,
+from oo_ml.domain.events import Event, Integration, TaskSynced
+from oo_ml.stores.profile_model import (
+    Day,
+    applied_until,
+    effects_of,
+    integration_after,
+    replaces_snapshot,
 )
-
-DAY_S = 86400
-
-
-def day_of(t: float) -> int:
-    """The UTC day number of a unix time: the bucket key."""
-    return int(t // DAY_S)
-
-
-@dataclass(slots=True)
-class _Day:
-    served: int = 0
-    last_served_at: float = 0.0
-    feedback: int = 0
-    completed: int = 0
-    dismissed: int = 0
-    snoozed: int = 0
-    last_feedback_at: float = 0.0
-    last_completed_at: float = 0.0
-    views: int = 0
-    dwell_ms_sum: float = 0.0
-    last_view_at: float = 0.0
-
-    def row(self) -> tuple[float, ...]:
-        """In the column order of ingest_daily after (user_id, day)."""
-        return (
-            self.served,
-            self.last_served_at,
-            self.feedback,
-            self.completed,
-            self.dismissed,
-            self.snoozed,
-            self.last_feedback_at,
-            self.last_completed_at,
-            self.views,
-            self.dwell_ms_sum,
-            self.last_view_at,
-        )
-
 
 # The batch writes pass their rows as one JSON array each, read back with json_each: a few
 # statements per batch instead of one per event. The writer thread releases and re-takes the
@@ -115,53 +75,24 @@ class BatchPlan:
 
 
 def plan_batch(events: Sequence[Event], now: float) -> BatchPlan:
-    """Aggregate the effects of events, assuming none was applied before. Pure: no database.
+    """Aggregate the effects of events (`effects_of`), assuming none was applied before,
+    as the JSON rows of the statements. Pure: no database.
 
     The consumer calls this on the event loop, so the writer thread only runs SQL."""
-    ids: dict[str, Event] = {}
-    for e in events:
-        ids.setdefault(e.event_id, e)
-    days: dict[tuple[str, int], _Day] = {}
-    hours: dict[tuple[str, int, int], int] = {}
-    serves: list[tuple[str, str, int, float]] = []
-    others: list[Event] = []
-    for e in ids.values():
-        # A producer clock ahead of ours must not put counts in a day that has not come yet.
-        at = min(e.occurred_at, now)
-        p = e.payload
-        if isinstance(p, TipServed):
-            serves.append((p.decision_id, e.user_id, day_of(at), at))
-        elif isinstance(p, TipViewed):
-            # proto3 cannot tell an unmeasured dwell from 0 ms; a 0 ms view says nothing.
-            if p.dwell_ms > 0:
-                d = days.setdefault((e.user_id, day_of(at)), _Day())
-                d.views += 1
-                d.dwell_ms_sum += p.dwell_ms
-                d.last_view_at = max(d.last_view_at, at)
-        elif isinstance(p, TipFeedback):
-            d = days.setdefault((e.user_id, day_of(at)), _Day())
-            d.feedback += 1
-            d.last_feedback_at = max(d.last_feedback_at, at)
-            if p.action is Action.COMPLETED:
-                d.completed += 1
-                d.last_completed_at = max(d.last_completed_at, at)
-                key = (e.user_id, day_of(at), int(at % DAY_S) // 3600)
-                hours[key] = hours.get(key, 0) + 1
-            elif p.action is Action.DISMISSED:
-                d.dismissed += 1
-            else:
-                d.snoozed += 1
-        else:
-            others.append(e)
+    fx = effects_of(events, now)
     return BatchPlan(
-        event_ids=tuple(ids),
+        event_ids=tuple(fx.first),
         # Remember an id until its event is stale by *our* clock too: an event from a
         # producer whose clock runs ahead would otherwise be forgotten while still fresh.
-        applied=json.dumps([(e.event_id, e.kind, max(now, e.occurred_at)) for e in ids.values()]),
-        days=json.dumps([[u, day, *d.row()] for (u, day), d in days.items()]) if days else None,
-        hours=json.dumps([[*k, n] for k, n in hours.items()]) if hours else None,
-        serves=tuple(serves),
-        others=tuple(others),
+        applied=json.dumps(
+            [(e.event_id, e.kind, applied_until(e, now)) for e in fx.first.values()]
+        ),
+        days=json.dumps([[u, day, *d.row()] for (u, day), d in fx.days.items()])
+        if fx.days
+        else None,
+        hours=json.dumps([[*k, n] for k, n in fx.hours.items()]) if fx.hours else None,
+        serves=tuple(fx.serves),
+        others=tuple(fx.others),
     )
 
 
@@ -186,11 +117,11 @@ def _write(conn: sqlite3.Connection, plan: BatchPlan, now: float) -> None:
                 (now, json.dumps([s[:2] for s in plan.serves])),
             )
         }
-        served: dict[tuple[str, int], _Day] = {}
+        served: dict[tuple[str, int], Day] = {}
         for decision_id, user, day, at in plan.serves:
             if decision_id in new:
                 new.discard(decision_id)
-                d = served.setdefault((user, day), _Day())
+                d = served.setdefault((user, day), Day())
                 d.served += 1
                 d.last_served_at = max(d.last_served_at, at)
         if served:
@@ -233,8 +164,8 @@ def _replace_tasks(conn: sqlite3.Connection, user_id: str, sync: TaskSynced, at:
         "SELECT synced_at FROM ingest_task_syncs WHERE user_id = ? AND provider = ?",
         (user_id, sync.provider),
     ).fetchone()
-    if row is not None and row[0] > at:
-        return  # a late, older snapshot must not undo a newer one
+    if not replaces_snapshot(row[0] if row is not None else None, at):
+        return
     conn.execute(
         "INSERT INTO ingest_task_syncs (user_id, provider, synced_at) VALUES (?, ?, ?)"
         " ON CONFLICT (user_id, provider) DO UPDATE SET synced_at = excluded.synced_at",
@@ -261,13 +192,20 @@ def _record_integration(
         " occurred_at, detail, attempt, retryable) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
         (event_id, user_id, p.provider, p.change.value, at, p.detail, p.attempt, int(p.retryable)),
     )
-    failed = p.change is IntegrationChange.SYNC_FAILED
-    # Events may arrive out of order: the state follows the latest, the log keeps them all.
+    row = conn.execute(
+        "SELECT status, updated_at, failures FROM ingest_integrations"
+        " WHERE user_id = ? AND provider = ?",
+        (user_id, p.provider),
+    ).fetchone()
+    after = integration_after(
+        (str(row[0]), float(row[1]), int(row[2])) if row is not None else None, p.change, at
+    )
+    if after is None:
+        return  # older than the state: logged only
     conn.execute(
         "INSERT INTO ingest_integrations (user_id, provider, status, updated_at, detail, failures)"
         " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (user_id, provider) DO UPDATE SET"
         " status = excluded.status, updated_at = excluded.updated_at, detail = excluded.detail,"
-        " failures = CASE WHEN excluded.status = 'sync_failed' THEN failures + 1 ELSE 0 END"
-        " WHERE excluded.updated_at >= ingest_integrations.updated_at",
-        (user_id, p.provider, p.change.value, at, p.detail, int(failed)),
+        " failures = excluded.failures",
+        (user_id, p.provider, after[0], at, p.detail, after[1]),
     )

@@ -17,51 +17,38 @@ so each batch of events lands in one durable transaction):
 
 Profile features are sums over the 30 daily buckets ending today (UTC), so they move
 incrementally as events arrive and as days leave the window, without rescanning events.
-A feature with no data in the window is left out, so the contract's fallback applies; a
-present feature's `updated_at` is the time of its last contributing event, so the
+SQL sums the window; `profile_model` (shared with the NATS store) turns the sums into
+features: one with no data in the window is left out, so the contract's fallback applies;
+a present feature's `updated_at` is the time of its last contributing event, so the
 contract's TTL applies too. Hours are UTC: no event carries the user's time zone yet.
 """
 
 from __future__ import annotations
 
 import sqlite3
-import time
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 from oo_ml.domain.contracts import Contracts
 from oo_ml.domain.events import Event
-from oo_ml.domain.features import StoredValue, TaskView, utc_offset_minutes
-from oo_ml.stores.sqlite.db import SqliteDB
-from oo_ml.stores.sqlite.profile_writes import (
+from oo_ml.domain.features import StoredValue, TaskView
+from oo_ml.stores.profile_model import (
     DAY_S,
-    applied_among,
+    TOTALS,
+    WINDOW_DAYS,
+    CachedFeatures,
+    Day,
+    TaskCounts,
     day_of,
-    plan_batch,
-    record_events,
+    first_window_day,
+    profile_features,
+    task_ttl,
+    valid_until,
 )
+from oo_ml.stores.sqlite.db import SqliteDB
+from oo_ml.stores.sqlite.profile_writes import applied_among, plan_batch, record_events
 
 T = TypeVar("T")
-
-WINDOW_DAYS = 30
-
-OPEN_TASKS = "open_tasks"
-OVERDUE_TASKS = "overdue_tasks"
-COMPLETION_RATE = "completion_rate_30d"
-DISMISS_RATE = "dismiss_rate_30d"
-MEAN_DWELL = "mean_dwell_ms_30d"
-PREFERRED_HOUR = "preferred_hour"
-TIP_VOLUME = "tip_volume_30d"
-_NAMES = {
-    OPEN_TASKS,
-    OVERDUE_TASKS,
-    COMPLETION_RATE,
-    DISMISS_RATE,
-    MEAN_DWELL,
-    PREFERRED_HOUR,
-    TIP_VOLUME,
-}
 
 # Each entry moves the ingest schema from version i to i + 1. Append only.
 _MIGRATIONS: list[str] = [
@@ -162,70 +149,46 @@ def _migrate(conn: sqlite3.Connection) -> int:
 
 def _stored_features(conn: sqlite3.Connection, user_id: str, now: float) -> dict[str, StoredValue]:
     today = day_of(now)
-    first = today - WINDOW_DAYS + 1
-    out: dict[str, StoredValue] = {}
-    (
-        served,
-        last_served,
-        feedback,
-        completed,
-        dismissed,
-        last_feedback,
-        views,
-        dwell_sum,
-        last_view,
-    ) = conn.execute(
+    first = first_window_day(now)
+    row = conn.execute(
         "SELECT total(served), max(last_served_at), total(feedback), total(completed),"
-        " total(dismissed), max(last_feedback_at), total(views), total(dwell_ms_sum),"
-        " max(last_view_at) FROM ingest_daily WHERE user_id = ? AND day BETWEEN ? AND ?",
+        " total(dismissed), total(snoozed), max(last_feedback_at), max(last_completed_at),"
+        " total(views), total(dwell_ms_sum), max(last_view_at)"
+        " FROM ingest_daily WHERE user_id = ? AND day BETWEEN ? AND ?",
         (user_id, first, today),
     ).fetchone()
-    if served > 0:
-        out[TIP_VOLUME] = StoredValue(served, last_served)
-    if feedback > 0:
-        out[COMPLETION_RATE] = StoredValue(completed / feedback, last_feedback)
-        out[DISMISS_RATE] = StoredValue(dismissed / feedback, last_feedback)
-    if views > 0:
-        out[MEAN_DWELL] = StoredValue(dwell_sum / views, last_view)
+    sums = Day.of_row([v or 0.0 for v in row])  # max() of no rows is NULL
     hour = conn.execute(
-        "SELECT h.hour, (SELECT max(last_completed_at) FROM ingest_daily"
-        "  WHERE user_id = ? AND day BETWEEN ? AND ?)"
-        " FROM ingest_completed_hours h WHERE h.user_id = ? AND h.day BETWEEN ? AND ?"
-        " GROUP BY h.hour ORDER BY sum(h.n) DESC, h.hour LIMIT 1",
-        (user_id, first, today, user_id, first, today),
+        "SELECT hour FROM ingest_completed_hours WHERE user_id = ? AND day BETWEEN ? AND ?"
+        " GROUP BY hour ORDER BY sum(n) DESC, hour LIMIT 1",
+        (user_id, first, today),
     ).fetchone()
-    if hour is not None:
-        out[PREFERRED_HOUR] = StoredValue(float(hour[0]), hour[1])
     synced = conn.execute(
         "SELECT max(synced_at) FROM ingest_task_syncs WHERE user_id = ?", (user_id,)
     ).fetchone()[0]
+    tasks = None
     if synced is not None:
         open_, overdue = conn.execute(
             "SELECT count(*), total(due_at IS NOT NULL AND due_at < ?) FROM ingest_tasks"
             " WHERE user_id = ? AND completed = 0",
             (now, user_id),
         ).fetchone()
-        out[OPEN_TASKS] = StoredValue(float(open_), synced)
-        out[OVERDUE_TASKS] = StoredValue(float(overdue), synced)
-    return out
+        tasks = TaskCounts(synced, int(open_), int(overdue))
+    return profile_features(sums, None if hour is None else int(hour[0]), tasks)
 
 
 def _features_until(
     conn: sqlite3.Connection, user_id: str, now: float
 ) -> tuple[dict[str, StoredValue], float]:
-    """The features at `now`, and until when they hold without a new event: the end of
-    the UTC day (the 30-day window moves) or the next due time (a task turns overdue)."""
+    """The features at `now`, and until when they hold without a new event."""
     due = conn.execute(
         "SELECT min(due_at) FROM ingest_tasks WHERE user_id = ? AND completed = 0 AND due_at >= ?",
         (user_id, now),
     ).fetchone()[0]
-    until = (day_of(now) + 1) * DAY_S
-    if due is not None:
-        until = min(until, due)
-    return _stored_features(conn, user_id, now), until
+    return _stored_features(conn, user_id, now), valid_until(now, due)
 
 
-class SqliteProfileStore:
+class SqliteProfileStore(CachedFeatures):
     """The `ProfileStore` port over the ingest tables: FeatureStore and TaskSource for Score
     and Generate, and the batch writes of ingest's `effects`."""
 
@@ -238,24 +201,13 @@ class SqliteProfileStore:
         cache_s: float = 30.0,
         cache_users: int = 100_000,
     ) -> None:
-        # The names are the proto contracts'; fail at start-up if a contract is renamed.
-        if not contracts.keys() >= _NAMES:
-            raise RuntimeError(f"features without a contract: {_NAMES - contracts.keys()}")
+        # The hot path reads a user's features from memory (`CachedFeatures`): entries live
+        # `cache_s` at most, and the batches this process records drop their users' entries.
+        super().__init__(cache_s, cache_users)
         self.db = db
         self.dedupe_window_s = dedupe_window_s
-        self._task_ttl_s = contracts[OPEN_TASKS].ttl_seconds
+        self._task_ttl_s = task_ttl(contracts)
         self._ready = False
-        # The hot path reads a user's features from memory: entries live `cache_s` at most
-        # (and never across a UTC day, which moves the 30-day window), and the batches this
-        # process records drop the entries of their users at once.
-        self.cache_s = cache_s
-        self.cache_users = cache_users
-        # user -> (read at, monotonic; valid until, unix: a UTC day's end or the next due
-        # time, which would move the overdue count; the values)
-        self._cache: OrderedDict[str, tuple[float, float, dict[str, StoredValue]]] = OrderedDict()
-        self._invalidated_at: dict[str, float] = {}
-        self.cache_hits = 0
-        self.cache_misses = 0
 
     async def ensure_schema(self) -> None:
         if not self._ready:
@@ -269,43 +221,10 @@ class SqliteProfileStore:
 
     # -- FeatureStore / TaskSource ----------------------------------------------------------
 
-    async def stored_features(
-        self, user_id: str, now: float, timezone: str = ""
-    ) -> dict[str, StoredValue]:
-        stored = dict(await self._utc_features(user_id, now))
-        hour = stored.get(PREFERRED_HOUR)
-        if hour is not None and timezone:
-            # Completions are bucketed by UTC hour; the request's hour_of_day is local, and
-            # v2 compares the two, so the preferred hour is given in the request's zone.
-            local = (hour.value * 60 + utc_offset_minutes(timezone, now)) // 60 % 24
-            stored[PREFERRED_HOUR] = StoredValue(float(local), hour.updated_at)
-        return stored
-
-    async def _utc_features(self, user_id: str, now: float) -> dict[str, StoredValue]:
-        entry = self._cache.get(user_id)
-        if entry is not None and now < entry[1] and time.monotonic() - entry[0] < self.cache_s:
-            self._cache.move_to_end(user_id)
-            self.cache_hits += 1
-            return entry[2]
-        self.cache_misses += 1
-        read_at = time.monotonic()
-        stored, until = await self._read(lambda conn: _features_until(conn, user_id, now))
-        if self.cache_s > 0 and self._invalidated_at.get(user_id, 0.0) < read_at:
-            self._cache[user_id] = (read_at, until, stored)
-            self._cache.move_to_end(user_id)
-            while len(self._cache) > self.cache_users:
-                self._cache.popitem(last=False)
-        return stored
-
-    def _invalidate(self, users: set[str]) -> None:
-        now = time.monotonic()
-        for u in users:
-            self._cache.pop(u, None)
-            self._invalidated_at[u] = now
-        if len(self._invalidated_at) > self.cache_users:
-            # Only reads that started before an invalidation need it; old marks can go.
-            cutoff = now - 60.0
-            self._invalidated_at = {u: t for u, t in self._invalidated_at.items() if t > cutoff}
+    async def _load_features(
+        self, user_id: str, now: float
+    ) -> tuple[dict[str, StoredValue], float]:
+        return await self._read(lambda conn: _features_until(conn, user_id, now))
 
     async def open_tasks(self, user_id: str, now: float, limit: int) -> list[TaskView]:
         """Open tasks, overdue first, then by due time and priority. Empty when the last
@@ -352,7 +271,7 @@ class SqliteProfileStore:
         Returns how many event ids were forgotten."""
         await self.ensure_schema()
         cutoff = now - self.dedupe_window_s
-        oldest_day = day_of(now) - WINDOW_DAYS + 1
+        oldest_day = first_window_day(now)
 
         def tx(conn: sqlite3.Connection) -> int:
             n = conn.execute("DELETE FROM ingest_applied WHERE applied_at < ?", (cutoff,)).rowcount
@@ -380,8 +299,7 @@ class SqliteProfileStore:
                 f" total(snoozed), total(views), total(dwell_ms_sum) FROM ingest_daily {where}",
                 args,
             ).fetchone()
-            names = ("served", "feedback", "completed", "dismissed", "snoozed", "views", "dwell")
-            out = dict(zip(names, (float(v) for v in row), strict=True))
+            out = dict(zip(TOTALS, (float(v) for v in row), strict=True))
             out["applied_events"] = float(
                 conn.execute("SELECT count(*) FROM ingest_applied").fetchone()[0]
             )
