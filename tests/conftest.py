@@ -1,18 +1,29 @@
-"""Shared fixtures: a real oo-ml server on a loopback port 0, backed by a real SQLite file."""
+"""Shared fixtures: a real oo-ml server on a loopback port 0, backed by a real SQLite file;
+profile stores over SQLite and over a real nats-server, for the shared store suite."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import nats
 import pytest
 
 from oo.scoring.v1 import scoring_pb2_grpc
 from oo_ml import config as config_mod
 from oo_ml.app.supervisor import App
+from oo_ml.ingest.nats_server import LocalNatsServer
+from oo_ml.schema.contracts import ALL_FEATURES
+from oo_ml.stores.nats.profiles import NatsProfileStore
+from oo_ml.stores.sqlite.db import SqliteDB
+from oo_ml.stores.sqlite.profiles import SqliteProfileStore
+from tests.natsfix import started_nats
+
+WEEK_S = 7 * 86400.0
 
 
 @dataclass
@@ -80,3 +91,53 @@ def _gate_history_in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     from oo_ml import cli
 
     monkeypatch.setattr(cli, "DEFAULT_HISTORY", tmp_path / "gate-history.jsonl")
+
+
+# -- profile stores, parametrised over the backends ---------------------------------------
+
+Profiles = SqliteProfileStore | NatsProfileStore
+
+
+@dataclass
+class ProfileStores:
+    """Profile stores over one backend: each `make()` is another process (SQLite) or
+    replica (NATS, with its own connection) sharing the data of the first."""
+
+    kind: str
+    make: Callable[..., Awaitable[Profiles]]
+
+
+@pytest.fixture(scope="session")
+def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalNatsServer]:
+    """One nats-server for the session's store tests; each test takes its own buckets."""
+    yield from started_nats(tmp_path_factory.mktemp("nats"))
+
+
+@pytest.fixture(params=["sqlite", "nats"])
+async def profile_stores(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> AsyncIterator[ProfileStores]:
+    """The shared store suite: every profile-store test runs on SQLite and on NATS."""
+    closers: list[Callable[[], Awaitable[None]]] = []
+    kind: str = request.param
+    if kind == "sqlite":
+        db = SqliteDB(tmp_path / "ingest.db")
+        closers.append(db.close)
+
+        async def make(window_s: float = WEEK_S, **options: float) -> Profiles:
+            return SqliteProfileStore(db, window_s, ALL_FEATURES, **options)
+
+    else:
+        server: LocalNatsServer = request.getfixturevalue("nats_server")
+        prefix = f"t{uuid.uuid4().hex[:12]}"
+
+        async def make(window_s: float = WEEK_S, **options: float) -> Profiles:
+            nc = await nats.connect(server.url)
+            closers.append(nc.close)
+            store = NatsProfileStore(nc, window_s, ALL_FEATURES, prefix=prefix, **options)  # type: ignore[arg-type]
+            await store.ensure_schema()
+            return store
+
+    yield ProfileStores(kind, make)
+    for close in reversed(closers):
+        await close()

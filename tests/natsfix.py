@@ -7,7 +7,8 @@ import asyncio
 import json
 import subprocess
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -27,6 +28,20 @@ async def running_nats(store_dir: Path) -> AsyncIterator[LocalNatsServer]:
     """Start nats-server -js -sd store_dir on a free loopback port; kill it at exit."""
     server = LocalNatsServer(store_dir)
     await server.start()
+    try:
+        yield server
+    finally:
+        server.kill()
+
+
+def started_nats(store_dir: Path) -> Iterator[LocalNatsServer]:
+    """`running_nats` for a module- or session-scoped fixture. pytest-asyncio gives each
+    test its own event loop, and the fixture may be set up while one runs, so the server
+    is started on a private loop in a thread: the process outlives loops (a test's
+    connections do not)."""
+    server = LocalNatsServer(store_dir)
+    with ThreadPoolExecutor(1) as pool:
+        pool.submit(asyncio.run, server.start()).result()
     try:
         yield server
     finally:

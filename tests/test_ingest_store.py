@@ -1,10 +1,9 @@
-"""The ingest's decoding, effects and profile tables, without NATS: windows, TTLs, pruning,
-dedupe, ordering of snapshots, and the reward join's exactly-once rules."""
+"""The ingest's decoding, effects and profile stores: windows, TTLs, pruning, dedupe,
+ordering of snapshots, and the reward join's exactly-once rules. Every test taking
+`profiles` runs on each store (SQLite, and NATS KV on a real nats-server): the shared store
+suite of issue 11."""
 
 from __future__ import annotations
-
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -29,9 +28,8 @@ from oo_ml.ingest.effects import Applier, Outcome
 from oo_ml.ingest.publisher import ServePublisher, served_envelope
 from oo_ml.ingest.streams import backoff_schedule, subject_covers
 from oo_ml.schema.contracts import ALL_FEATURES
-from oo_ml.stores.sqlite.db import SqliteDB
 from oo_ml.stores.profile_model import DAY_S
-from oo_ml.stores.sqlite.profiles import SqliteProfileStore
+from tests.conftest import Profiles, ProfileStores
 from tests.natsfix import (
     COMPLETED,
     DISMISSED,
@@ -49,11 +47,8 @@ WEEK = 7 * DAY_S
 
 
 @pytest.fixture
-async def profiles(tmp_path: Path) -> AsyncIterator[SqliteProfileStore]:
-    db = SqliteDB(tmp_path / "ingest.db")
-    store = SqliteProfileStore(db, WEEK, ALL_FEATURES)
-    yield store
-    await db.close()
+async def profiles(profile_stores: ProfileStores) -> Profiles:
+    return await profile_stores.make(WEEK)
 
 
 def ev(env: object, headers: dict[str, str] | None = None) -> Event:
@@ -80,7 +75,7 @@ class Rewards:
 
 
 def applier(
-    profiles: SqliteProfileStore, rewards: Rewards, now: float = NOW, window: float = WEEK
+    profiles: Profiles, rewards: Rewards, now: float = NOW, window: float = WEEK
 ) -> Applier:
     config = IngestConfig(dedupe_window_s=window)
     return Applier(profiles, rewards, config, IngestCounters(), lambda: now)
@@ -143,7 +138,7 @@ def test_decode_without_a_known_payload_is_an_unknown_kind() -> None:
 # -- effects -------------------------------------------------------------------------------------
 
 
-async def test_feedback_rewards_once_and_records_once(profiles: SqliteProfileStore) -> None:
+async def test_feedback_rewards_once_and_records_once(profiles: Profiles) -> None:
     rewards = Rewards({"d1"})
     a = applier(profiles, rewards)
     first = ev(feedback("e1", "d1", COMPLETED, at=NOW - 60))
@@ -157,7 +152,7 @@ async def test_feedback_rewards_once_and_records_once(profiles: SqliteProfileSto
 
 
 async def test_reward_values_by_action_and_stray_feedback_is_recorded(
-    profiles: SqliteProfileStore,
+    profiles: Profiles,
 ) -> None:
     rewards = Rewards({"d1", "d2", "d3"})
     a = applier(profiles, rewards)
@@ -174,7 +169,7 @@ async def test_reward_values_by_action_and_stray_feedback_is_recorded(
 
 
 async def test_crash_between_reward_and_record_still_records_once(
-    profiles: SqliteProfileStore,
+    profiles: Profiles,
 ) -> None:
     rewards = Rewards({"d1"})
     rewards.rewarded.add("d1")  # the reward committed, then the process died before recording
@@ -183,14 +178,14 @@ async def test_crash_between_reward_and_record_still_records_once(
     assert (await profiles.totals("u1"))["feedback"] == 1
 
 
-async def test_events_older_than_the_dedupe_window_are_stale(profiles: SqliteProfileStore) -> None:
+async def test_events_older_than_the_dedupe_window_are_stale(profiles: Profiles) -> None:
     rewards = Rewards({"d1"})
     old = ev(feedback("e-old", "d1", at=NOW - WEEK - 60))
     results = await applier(profiles, rewards).apply([old])
     assert results[0].outcome is Outcome.STALE and rewards.calls == []
 
 
-async def test_dedupe_window_prunes_applied_ids(profiles: SqliteProfileStore) -> None:
+async def test_dedupe_window_prunes_applied_ids(profiles: Profiles) -> None:
     a = applier(profiles, Rewards(set()))
     await a.apply([ev(viewed("v1", 100, at=NOW))])
     assert await profiles.prune(NOW + WEEK - 1) == 0
@@ -200,7 +195,7 @@ async def test_dedupe_window_prunes_applied_ids(profiles: SqliteProfileStore) ->
 
 
 async def test_a_producer_clock_ahead_of_ours_cannot_make_an_event_apply_twice(
-    profiles: SqliteProfileStore,
+    profiles: Profiles,
 ) -> None:
     ahead = ev(viewed("v-skew", 500, at=NOW + 7200))  # the producer's clock is 2 h fast
     first = await applier(profiles, Rewards(set())).apply([ahead])
@@ -214,7 +209,7 @@ async def test_a_producer_clock_ahead_of_ours_cannot_make_an_event_apply_twice(
 # -- profile features ----------------------------------------------------------------------------
 
 
-async def test_profile_features_over_exact_30_day_buckets(profiles: SqliteProfileStore) -> None:
+async def test_profile_features_over_exact_30_day_buckets(profiles: Profiles) -> None:
     rewards = Rewards({f"d{i}" for i in range(10)})
     a = applier(profiles, rewards)
     at_9 = NOW - (NOW % DAY_S) + 9 * 3600  # 09:00 UTC today
@@ -256,7 +251,7 @@ async def test_profile_features_over_exact_30_day_buckets(profiles: SqliteProfil
     assert fresh.origins["completion_rate_30d"] is Origin.PROFILE_STORE
 
 
-async def test_tip_volume_counts_each_decision_once(profiles: SqliteProfileStore) -> None:
+async def test_tip_volume_counts_each_decision_once(profiles: Profiles) -> None:
     a = applier(profiles, Rewards(set()))
     served = [
         ev(envelope(f"s{i}", at=NOW, tip_served=signals_pb2.TipServed(decision_id=d, tip_id="t")))
@@ -268,7 +263,7 @@ async def test_tip_volume_counts_each_decision_once(profiles: SqliteProfileStore
 
 
 async def test_task_snapshots_replace_and_old_ones_are_ignored(
-    profiles: SqliteProfileStore,
+    profiles: Profiles,
 ) -> None:
     a = applier(profiles, Rewards(set()))
 
@@ -292,7 +287,7 @@ async def test_task_snapshots_replace_and_old_ones_are_ignored(
     assert await profiles.open_tasks("u1", NOW + 2 * DAY_S, 10) == []  # past the TTL
 
 
-async def test_integration_events_are_recorded(profiles: SqliteProfileStore) -> None:
+async def test_integration_events_are_recorded(profiles: Profiles) -> None:
     from oo.events.v1 import integration_pb2
 
     a = applier(profiles, Rewards(set()))
@@ -404,9 +399,9 @@ def test_backoff_schedule_fits_max_deliver() -> None:
 
 
 async def test_cached_features_equal_the_store_and_ingest_refreshes_them(
-    profiles: SqliteProfileStore,
+    profiles: Profiles, profile_stores: ProfileStores
 ) -> None:
-    uncached = SqliteProfileStore(profiles.db, WEEK, ALL_FEATURES, cache_s=0)
+    uncached = await profile_stores.make(WEEK, cache_s=0)
     a = applier(profiles, Rewards(set()))
     await a.apply([ev(viewed("v1", 1000, at=NOW - 60))])
     first = await profiles.stored_features("u1", NOW)
