@@ -259,8 +259,12 @@ class NatsProfileStore(CachedFeatures):
                 written = [w for w in outcomes if isinstance(w, Written)]
                 # What landed gets its index entries and totals even when another user's
                 # write failed: the redelivery will find those events applied.
-                await asyncio.gather(self._index(written, tokens, now), self._add_totals(written))
-                for outcome in outcomes:
+                after = await asyncio.gather(
+                    self._index(written, tokens, now),
+                    self._add_totals(written),
+                    return_exceptions=True,
+                )
+                for outcome in (*outcomes, *after):
                     if isinstance(outcome, BaseException):
                         raise outcome
         finally:
