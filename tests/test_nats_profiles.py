@@ -13,6 +13,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import nats
 import nats.errors
@@ -25,7 +26,7 @@ from oo_ml.domain.ports import EVERY_USER, PROFILE, Change
 from oo_ml.errors import TransientStoreError
 from oo_ml.ingest.nats_server import LocalNatsServer
 from oo_ml.schema.contracts import ALL_FEATURES
-from oo_ml.stores.nats.profile_doc import Horizon, Written
+from oo_ml.stores.nats.profile_doc import Written
 from oo_ml.stores.nats.profiles import NatsProfileStore
 from tests.natsfix import COMPLETED, envelope, feedback, running_nats, viewed
 from tests.test_ingest_store import NOW, WEEK, ev
@@ -52,7 +53,7 @@ async def replicas(url: str) -> AsyncIterator[Make]:
         )
         conns.append(nc)
         js = nc.jetstream(timeout=1.0)
-        store = cls(nc, WEEK, ALL_FEATURES, prefix=prefix, js=js, **options)  # type: ignore[arg-type]
+        store = cls(nc, WEEK, ALL_FEATURES, prefix=prefix, js=js, timeout_s=1.0, **options)  # type: ignore[arg-type]
         await store.ensure_schema()
         return store
 
@@ -156,12 +157,10 @@ class CrashAfterIndex(NatsProfileStore):
 class CrashOnUser1(NatsProfileStore):
     """Writes user-0's document, dies writing user-1's."""
 
-    async def _record_user(
-        self, user_id: str, events: Sequence[Event], now: float, horizon: Horizon
-    ) -> Written:
-        if user_id == "user-1":
+    async def _update(self, key: str, *args: Any, **kwargs: Any) -> Any:
+        if key == "u.puser-1":
             raise nats.errors.ConnectionClosedError
-        return await super()._record_user(user_id, events, now, horizon)
+        return await super()._update(key, *args, **kwargs)
 
 
 @pytest.mark.parametrize("crashing", [CrashAfterDocuments, CrashAfterIndex, CrashOnUser1])

@@ -154,6 +154,7 @@ class NatsProfileStore(CachedFeatures):
         cache_users: int = 100_000,
         prefix: str = "oo",
         js: JetStreamContext | None = None,
+        timeout_s: float = 5.0,
     ) -> None:
         super().__init__(cache_s, cache_users)
         self.nc = nc
@@ -164,6 +165,7 @@ class NatsProfileStore(CachedFeatures):
         self.index_stream = f"{prefix}_applied"
         self._index_subject = f"{prefix}.applied."
         self._task_ttl_s = task_ttl(contracts)
+        self.timeout_s = timeout_s  # of the batched reads (`js` has its own)
         self._kv: KeyValue | None = None
         self.feed_resets = 0
 
@@ -245,15 +247,22 @@ class NatsProfileStore(CachedFeatures):
         try:
             with _transient("recording events"):
                 await self.ensure_schema()
-                indexed, horizon = await asyncio.gather(
-                    self._indexed(tokens.values()), self._horizon()
+                # One round trip for the index, one for the documents and the horizon.
+                users = {e.user_id: self._kv_subject(_user_key(e.user_id)) for e in first.values()}
+                indexed, current = await asyncio.gather(
+                    self._indexed(tokens.values()),
+                    self._get_many([*users.values(), self._kv_subject(HORIZON)]),
                 )
+                horizon = Horizon.decode(current.get(self._kv_subject(HORIZON), (0, None))[1])
                 by_user: dict[str, list[Event]] = {}
                 for eid, e in first.items():
                     if tokens[eid] not in indexed:
                         by_user.setdefault(e.user_id, []).append(e)
                 outcomes = await asyncio.gather(
-                    *(self._record_user(u, evs, now, horizon) for u, evs in by_user.items()),
+                    *(
+                        self._record_user(u, evs, now, horizon, current.get(users[u], (0, None)))
+                        for u, evs in by_user.items()
+                    ),
                     return_exceptions=True,
                 )
                 written = [w for w in outcomes if isinstance(w, Written)]
@@ -278,20 +287,37 @@ class NatsProfileStore(CachedFeatures):
         return out
 
     async def _record_user(
-        self, user_id: str, events: Sequence[Event], now: float, horizon: Horizon
+        self,
+        user_id: str,
+        events: Sequence[Event],
+        now: float,
+        horizon: Horizon,
+        first: tuple[int, bytes | None],
     ) -> Written:
+        """One compare-and-set of the user's document, from `first` (its revision and value
+        read with the batch's), again from a fresh read while another writer wins."""
+
         async def change(current: bytes | None) -> tuple[bytes | None, Written]:
             doc = ProfileDoc.decode(current)
             doc.forget(horizon)
             done = doc.record(events, now)
             return (doc.encode() if done.fresh else None), done
 
-        return (await self._update(_user_key(user_id), change))[1]
+        return (await self._update(_user_key(user_id), change, first))[1]
 
     async def _update(
-        self, key: str, change: Callable[[bytes | None], Awaitable[tuple[bytes | None, T]]]
+        self,
+        key: str,
+        change: Callable[[bytes | None], Awaitable[tuple[bytes | None, T]]],
+        first: tuple[int, bytes | None] | None = None,
     ) -> tuple[int, T]:
-        return await kvs.update(await self._bucket(), key, change)
+        return await kvs.update(await self._bucket(), key, change, first=first)
+
+    def _kv_subject(self, key: str) -> str:
+        return f"$KV.{self.bucket}.{key}"
+
+    async def _get_many(self, subjects: Sequence[str]) -> dict[str, tuple[int, bytes | None]]:
+        return await kvs.get_many(self.nc, f"KV_{self.bucket}", subjects, timeout_s=self.timeout_s)
 
     async def _horizon(self) -> Horizon:
         return Horizon.decode(await self._get(HORIZON))
@@ -299,17 +325,10 @@ class NatsProfileStore(CachedFeatures):
     # -- the applied-id index -------------------------------------------------------------
 
     async def _indexed(self, tokens: Collection[str]) -> set[str]:
-        async def one(t: str) -> str | None:
-            try:
-                await self.js.get_msg(
-                    self.index_stream, subject=self._index_subject + t, direct=True
-                )
-            except nats.js.errors.NotFoundError:
-                return None
-            return t
-
-        found = await asyncio.gather(*(one(t) for t in tokens))
-        return {t for t in found if t is not None}
+        """The tokens whose ids the index holds (one request per 1024)."""
+        subjects = [self._index_subject + t for t in tokens]
+        found = await kvs.get_many(self.nc, self.index_stream, subjects, timeout_s=self.timeout_s)
+        return {subject[len(self._index_subject) :] for subject in found}
 
     async def _index(self, written: Sequence[Written], tokens: dict[str, str], now: float) -> None:
         """Index the ids applied now, and put back those a crash left out (`known`)."""
