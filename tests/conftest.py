@@ -108,7 +108,7 @@ class ProfileStores:
 
 
 @pytest.fixture(scope="session")
-def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalNatsServer]:
+def shared_nats(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalNatsServer]:
     """One nats-server for the session's store tests; each test takes its own buckets."""
     yield from started_nats(tmp_path_factory.mktemp("nats"))
 
@@ -128,7 +128,7 @@ async def profile_stores(
             return SqliteProfileStore(db, window_s, ALL_FEATURES, **options)
 
     else:
-        server: LocalNatsServer = request.getfixturevalue("nats_server")
+        server: LocalNatsServer = request.getfixturevalue("shared_nats")
         prefix = f"t{uuid.uuid4().hex[:12]}"
 
         async def make(window_s: float = WEEK_S, **options: float) -> Profiles:

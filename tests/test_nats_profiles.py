@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -21,14 +20,20 @@ import pytest
 from nats.aio.client import Client
 
 from oo.events.v1 import signals_pb2
+from oo_ml import config as config_mod
+from oo_ml.domain.engine import ScoringEngine
 from oo_ml.domain.events import Event
 from oo_ml.domain.ports import EVERY_USER, PROFILE, Change
 from oo_ml.errors import TransientStoreError
 from oo_ml.ingest.nats_server import LocalNatsServer
+from oo_ml.ingest.runner import Ingest
 from oo_ml.schema.contracts import ALL_FEATURES
 from oo_ml.stores.nats.profile_doc import Written
 from oo_ml.stores.nats.profiles import NatsProfileStore
+from oo_ml.stores.sqlite.scoring import SqliteStore
+from tests.helpers import assert_eventually
 from tests.natsfix import COMPLETED, envelope, feedback, running_nats, viewed
+from tests.test_ingest import FAST
 from tests.test_ingest_store import NOW, WEEK, ev
 
 Make = Callable[..., Awaitable[NatsProfileStore]]
@@ -65,8 +70,8 @@ async def replicas(url: str) -> AsyncIterator[Make]:
 
 
 @pytest.fixture
-async def make(nats_server: LocalNatsServer) -> AsyncIterator[Make]:
-    async with replicas(nats_server.url) as m:
+async def make(shared_nats: LocalNatsServer) -> AsyncIterator[Make]:
+    async with replicas(shared_nats.url) as m:
         yield m
 
 
@@ -101,15 +106,6 @@ async def watching(store: NatsProfileStore) -> AsyncIterator[list[Change]]:
     finally:
         stop.set()
         await task
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], within_s: float) -> float:
-    """Seconds until check() holds; fails past within_s."""
-    started = time.monotonic()
-    while not await check():
-        assert time.monotonic() - started < within_s, f"not within {within_s}s"
-        await asyncio.sleep(0.01)
-    return time.monotonic() - started
 
 
 # -- exactly once -----------------------------------------------------------------------------
@@ -200,10 +196,10 @@ async def test_another_replicas_write_reaches_this_caches_within_a_second(make: 
     async with watching(here) as seen:
         await there.record([ev(viewed("v1", 1000, at=NOW - 60))], NOW)
 
-        async def heard() -> bool:
-            return [c.user_id for c in seen] == ["u1"] and seen[0].policy == PROFILE
+        async def heard() -> None:
+            assert [(c.user_id, c.policy) for c in seen] == [("u1", PROFILE)]
 
-        await eventually(heard, within_s=1.0)
+        await assert_eventually(heard, within=1.0)
         for store in (here, unwatched):
             assert (await store.stored_features("u1", NOW))["mean_dwell_ms_30d"].value == 1000
             await store.stored_features("u1", NOW)
@@ -211,10 +207,10 @@ async def test_another_replicas_write_reaches_this_caches_within_a_second(make: 
 
         await there.record([ev(viewed("v2", 3000, at=NOW - 30))], NOW)
 
-        async def fresh() -> bool:
-            return (await here.stored_features("u1", NOW))["mean_dwell_ms_30d"].value == 2000
+        async def fresh() -> None:
+            assert (await here.stored_features("u1", NOW))["mean_dwell_ms_30d"].value == 2000
 
-        await eventually(fresh, within_s=1.0)
+        await assert_eventually(fresh, within=1.0)
         # Without the feed the cache would answer the old value for cache_s (30 s).
         assert (await unwatched.stored_features("u1", NOW))["mean_dwell_ms_30d"].value == 1000
 
@@ -238,26 +234,26 @@ async def test_a_lost_server_is_transient_and_costs_the_cache_once_back(tmp_path
 
             await server.start()  # same port, same store
 
-            async def reset() -> bool:
-                return Change(EVERY_USER, PROFILE, 0) in seen
+            async def reset() -> None:
+                assert Change(EVERY_USER, PROFILE, 0) in seen
 
-            await eventually(reset, within_s=10)
+            await assert_eventually(reset, within=10)
             # What was written while the feed was away is unknown: nothing cached is kept.
             assert here.cached_users() == [] and here.feed_resets == 1
             # The feed follows again: another replica's write reaches this cache.
             assert (await here.stored_features("u1", NOW))["mean_dwell_ms_30d"].value == 1000
-            await eventually(lambda: _connected(there), within_s=10)
+
+            async def connected() -> None:
+                assert there.nc.is_connected
+
+            await assert_eventually(connected, within=10)
             await there.record([ev(viewed("v3", 3000, at=NOW - 30))], NOW)
 
-            async def fresh() -> bool:
+            async def fresh() -> None:
                 stored = await here.stored_features("u1", NOW)
-                return stored["mean_dwell_ms_30d"].value == 2000
+                assert stored["mean_dwell_ms_30d"].value == 2000
 
-            await eventually(fresh, within_s=1.0)
-
-
-async def _connected(store: NatsProfileStore) -> bool:
-    return bool(store.nc.is_connected)
+            await assert_eventually(fresh, within=1.0)
 
 
 # -- the index --------------------------------------------------------------------------------
@@ -279,3 +275,51 @@ async def test_prune_forgets_the_expired_ids_and_keeps_a_fast_clocks(make: Make)
     assert await store.prune(NOW + WEEK + 30) == 0
     assert await store.prune(NOW + WEEK + 2 * 86400 + 60) == 2
     assert (await store.totals())["applied_events"] == 0
+
+
+# -- with the ingest ----------------------------------------------------------------------------
+
+
+async def test_two_ingesting_replicas_apply_each_published_event_once(tmp_path: Path) -> None:
+    """Two replicas share the durable consumers and the profile store: every event counts
+    once, an event published twice (another message) is a duplicate, whoever fetches it."""
+    async with running_nats(tmp_path / "nats") as server, replicas(server.url) as make:
+        ingests: list[Ingest] = []
+        stores: list[SqliteStore] = []
+        publisher = await nats.connect(server.url)
+        try:
+            for i in range(2):
+                env = {"OO_DATA_DIR": str(tmp_path / f"data{i}"), "OO_NATS_URL": server.url}
+                config = config_mod.load(env=env)
+                profiles = await make()
+                stores.append(SqliteStore.open(config.server.data_dir / "oo-ml.db"))
+                ingest = Ingest(config, profiles, None, tuning=FAST)
+                ingest.attach(ScoringEngine(config.scoring, stores[-1], profiles, ALL_FEATURES))
+                await ingest.start()
+                ingests.append(ingest)
+            js = publisher.jetstream()
+            events = [viewed(f"v-{i}", 100 + i, user_id=f"user-{i % 10}") for i in range(300)]
+            acks = [
+                await js.publish_async("signals.tip.viewed", e.SerializeToString()) for e in events
+            ]
+            acks += [
+                await js.publish_async("signals.tip.viewed", e.SerializeToString())
+                for e in events[::6]
+            ]
+            await asyncio.gather(*acks)
+
+            async def settled() -> None:
+                done = sum(i.counters.applied + i.counters.duplicates for i in ingests)
+                assert done == 350
+
+            await assert_eventually(settled, 20)
+            assert sum(i.counters.applied for i in ingests) == 300
+            totals = await ingests[1].profiles.totals()
+            assert totals["views"] == 300 == totals["applied_events"]
+            assert (await ingests[0].profiles.totals("user-3"))["views"] == 30
+        finally:
+            for ingest in ingests:
+                await ingest.stop()
+            for store in stores:
+                await store.close()
+            await publisher.close()
