@@ -60,6 +60,10 @@ headers-only ordered consumer on the documents' subjects, DeliverPolicy.NEW, so 
 it replays nothing), which `watch` feeds into `apply`. After the connection drops and
 comes back, the feed resubscribes and reports `EVERY_USER`: every entry is forgotten.
 
+Round trips of a batch: its index entries in one request and its documents with the
+horizon in another (`kv.get_many`, a batched direct get), one compare-and-set per user
+document changed, then the index entries and one shard write, each group concurrently.
+
 Errors: a NATS failure, a timeout, or a compare-and-set that keeps losing raise
 `TransientStoreError`; the ingest naks and the redelivery finishes what was not written.
 """
