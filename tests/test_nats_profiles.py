@@ -24,7 +24,7 @@ from oo_ml import config as config_mod
 from oo_ml.domain.engine import ScoringEngine
 from oo_ml.domain.events import Event
 from oo_ml.domain.ports import EVERY_USER, PROFILE, Change
-from oo_ml.errors import TransientStoreError
+from oo_ml.errors import TransientStoreError, UnreadableRecord, UnsupportedFormat
 from oo_ml.ingest.nats_server import LocalNatsServer
 from oo_ml.ingest.runner import Ingest
 from oo_ml.schema.contracts import ALL_FEATURES
@@ -323,3 +323,17 @@ async def test_two_ingesting_replicas_apply_each_published_event_once(tmp_path: 
             for store in stores:
                 await store.close()
             await publisher.close()
+
+
+async def test_a_document_that_does_not_decode_is_unreadable_not_empty(make: Make) -> None:
+    store = await make()
+    await store.record([ev(viewed("v1", 1000, at=NOW))], NOW)
+    kv = await store.js.key_value(store.bucket)
+    await kv.put("u.pu1", b"{not json")
+    with pytest.raises(UnreadableRecord):
+        await store.stored_features("u1", NOW)
+    with pytest.raises(UnreadableRecord):  # never overwritten as if it were new
+        await store.record([ev(viewed("v2", 1000, at=NOW))], NOW)
+    await kv.put("u.pu1", b'{"v":2}\n{}')
+    with pytest.raises(UnsupportedFormat):
+        await store.open_tasks("u1", NOW, 10)

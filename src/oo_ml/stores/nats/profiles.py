@@ -243,6 +243,8 @@ class NatsProfileStore(CachedFeatures):
     async def record(self, events: Sequence[Event], now: float) -> list[bool]:
         """Apply each event once (see the module docstring): per user, one compare-and-set
         of the document holds the effects and the ids; then the index and the totals."""
+        if not events:
+            return []
         first: dict[str, Event] = {}
         for e in events:
             first.setdefault(e.event_id, e)
