@@ -164,9 +164,12 @@ async def settle(run: Run, topology: Topology) -> Counter[str]:
         if d.first in ("applied", "duplicate"):
             d.final = d.first
             continue
-        for _ in range(30):
+        # A decision not found is UNAVAILABLE for 30 s from its making (its replica may
+        # be retrying the flush), NOT_FOUND after: retry until one answer is final.
+        made = decision_time(d.decision_id) or time.time()
+        while True:
             d.final = await reward(survivor, d.decision_id, 10.0)
-            if d.final not in REFUSED.values():
+            if d.final not in REFUSED.values() or time.time() > made + 40:
                 break
             await asyncio.sleep(0.5)
         retried[d.final] += 1

@@ -9,11 +9,14 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import nats
 import pytest
 
 from oo.scoring.v1 import scoring_pb2 as pb
 from tests.conftest import oo_ml_bin
+from tests.helpers import assert_eventually
 from tests.natscluster import Replica, Topology, replica_env, single_node, three_nodes
+from tests.natsfix import feedback, viewed
 
 # Greedy on its model, no exploration: a Score's scores are the model's, so a replica's
 # answer shows which model it used.
@@ -100,4 +103,44 @@ async def test_500_concurrent_rewards_for_one_user_lose_none(
             assert stats.pending == 0
     finally:
         for r in replicas:
+            await r.close()
+
+
+async def test_each_ingested_event_is_applied_once_across_replicas(
+    topology: Topology, tmp_path: Path
+) -> None:
+    """Two replicas with ingest on share the durable consumers and the profile store:
+    feedback published once (and some of it twice, as a retrying producer does) rewards
+    each decision once, whichever replica fetched it; views count once in the shared
+    profile that both replicas' Score reads."""
+    a, b = await start_replicas(topology, tmp_path, 2, OO_INGEST="1")
+    publisher = await nats.connect(servers=topology.url.split(","))
+    try:
+        req = pb.ScoreRequest(user_id="cy", candidates=CANDIDATES)
+        decisions = [await (a if i % 2 else b).stub.Score(req) for i in range(60)]
+        js = publisher.jetstream()
+        events = [
+            feedback(f"fb-{i}", d.decision_id, user_id="cy") for i, d in enumerate(decisions)
+        ] + [viewed(f"v-{i}", 1000, user_id="cy") for i in range(40)]
+        for e in events + events[::5]:  # every fifth event published a second time
+            subject = "feedback.tip" if e.HasField("tip_feedback") else "signals.tip.viewed"
+            await js.publish(subject, e.SerializeToString())
+
+        async def settled() -> None:
+            counts = [(await r.stub.Stats(pb.StatsRequest())).ingest for r in (a, b)]
+            applied = sum(c["applied"] for c in counts)
+            duplicates = sum(c["duplicates"] for c in counts)
+            # 100 published events and the 60 TipServed the replicas published themselves.
+            assert (applied, duplicates) == (160, 20), counts
+            assert all(c["applied"] > 0 for c in counts), "one replica did all the work"
+
+        await assert_eventually(settled, 30)
+        for r in (a, b):
+            stats = await r.stub.Stats(pb.StatsRequest(user_id="cy"))
+            assert sum(arm.rewarded for arm in stats.arms) == 60
+            dwell = {f.name: f.value for f in stats.features}["mean_dwell_ms_30d"]
+            assert dwell == 1000.0
+    finally:
+        await publisher.close()
+        for r in (a, b):
             await r.close()

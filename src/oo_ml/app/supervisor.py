@@ -22,7 +22,7 @@ import contextlib
 import logging
 import signal
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 import grpc
@@ -37,13 +37,14 @@ from oo_ml.app.tls import CertificateFiles, exposure_problem, server_credentials
 from oo_ml.config import Config
 from oo_ml.domain.engine import ScoringEngine
 from oo_ml.domain.features import FeatureStore, NoStoredFeatures, NoTasks, TaskSource
-from oo_ml.domain.ports import ChangeFeed, ProfileStore
+from oo_ml.domain.ports import Change, ChangeFeed, ProfileStore
 from oo_ml.edge.interceptors import SERVICE, EdgeGuard
 from oo_ml.edge.service import ScoringService
 from oo_ml.generate.generator import Generator
 from oo_ml.generate.prompts import check_config
 from oo_ml.ingest.runner import Ingest, connection_options, server_list
 from oo_ml.schema.contracts import ALL_FEATURES, MAX_CANDIDATES
+from oo_ml.stores.nats.profiles import NatsProfileStore
 from oo_ml.stores.nats.scoring import NatsStore
 from oo_ml.stores.sqlite.profiles import SqliteProfileStore
 from oo_ml.stores.sqlite.scoring import SqliteStore
@@ -77,7 +78,10 @@ class App:
     tls_files: CertificateFiles | None = None
     # OO_STATE=nats: the store's own connection (ingest keeps its own).
     _state_nc: Client | None = None
-    _feeds: list[ChangeFeed] = field(default_factory=list)
+    # Change feeds of a shared store, each with what applies its changes (a cache).
+    _feeds: list[tuple[ChangeFeed, Callable[[Sequence[Change]], None]]] = field(
+        default_factory=list
+    )
 
     async def start(self) -> int:
         cfg = self.config
@@ -103,8 +107,20 @@ class App:
         if cfg.server.state == "nats":
             nats_store = await self._open_nats_store()
             self.store = store = nats_store
+            assert self._state_nc is not None
+            # Shared by the replicas: one with ingest off still reads what others ingest.
+            nats_profiles = NatsProfileStore(
+                self._state_nc,
+                cfg.ingest.dedupe_window_s,
+                ALL_FEATURES,
+                replicas=cfg.server.nats_replicas,
+                cache_s=cfg.scoring.feature_cache_s,
+            )
+            await nats_profiles.ensure_schema()
+            self._feeds.append((nats_profiles, nats_profiles.apply))
+            features = tasks = nats_profiles
             if cfg.ingest.enabled:
-                raise ValueError("OO_STATE=nats with OO_INGEST: the profile store is not wired yet")
+                profiles = nats_profiles
         else:
             sqlite_store = SqliteStore.open(cfg.server.data_dir / DB_FILE)
             self.store = store = sqlite_store
@@ -128,7 +144,8 @@ class App:
         )
         if isinstance(store, NatsStore):
             models = engine.models
-            self._feeds.append(store.change_feed(lambda u, p: models.cached(u, p) is not None))
+            feed = store.change_feed(lambda u, p: models.cached(u, p) is not None)
+            self._feeds.append((feed, models.apply))
         self.generator = generator = self._make_generator(tasks)
         if ingest is not None:
             ingest.attach(engine)
@@ -211,8 +228,8 @@ class App:
         async with asyncio.TaskGroup() as tg:
             tg.create_task(upkeep.run(self._stop_bg))
             tg.create_task(show_health())
-            for feed in self._feeds:
-                tg.create_task(feed.follow(self.engine.models.apply, self._stop_bg))
+            for feed, apply in self._feeds:
+                tg.create_task(feed.follow(apply, self._stop_bg))
 
     async def _open_nats_store(self) -> NatsStore:
         """Connect to OO_NATS_URL (reconnecting forever) and open the JetStream store."""

@@ -76,6 +76,10 @@ _MAX_PAUSE_S = 0.1
 # a publish that timed out (5 s). Until this long after the last failure, a decision not
 # found is UNAVAILABLE (retry) rather than NOT_FOUND, which a client takes as final.
 _STORE_SETTLE_S = 12.0
+# With a shared store, a decision not found that is younger than this is UNAVAILABLE, not
+# NOT_FOUND: the worker or replica that made it may still be retrying its flush (a flush
+# gives up on lost acks after 5 s and backs off up to 5 s between attempts).
+_IN_FLIGHT_S = 30.0
 
 
 class ScoringEngine:
@@ -257,10 +261,14 @@ class ScoringEngine:
         if first is None:
             first = await self._logged_elsewhere(decision_id)
         if first is None:
-            if self.join_wait_s > 0 and self._store_settling():
-                # Another replica may hold it unflushed, retrying since the store came back.
+            if self.join_wait_s > 0 and (
+                self._store_settling() or self._may_be_in_flight(decision_id)
+            ):
+                # Another worker or replica may hold it unflushed (its flush retrying after
+                # a failure): a retryable answer, since a client takes NOT_FOUND as final.
                 raise Unavailable(
-                    f"decision {decision_id!r} not found while the store recovers; try again"
+                    f"decision {decision_id!r} not found yet: another replica may still be"
+                    " logging it; try again"
                 )
             raise NotFound(f"decision {decision_id!r} not found")
         record = first.record
@@ -308,6 +316,12 @@ class ScoringEngine:
                         self.models.put(w.user_id, w.policy, rev, w.state)
                 return RewardResult(True, record.policy, record.chosen.arm)
         raise Unavailable(f"state of {record.user_id!r} kept changing; try again")
+
+    def _may_be_in_flight(self, decision_id: str) -> bool:
+        """A decision id made in the last `_IN_FLIGHT_S`: the process that made it may be
+        retrying a failed flush (a flush gives up on lost acks after seconds, then retries)."""
+        made_at = decision_time(decision_id)
+        return made_at is not None and made_at - 1.0 <= time.time() < made_at + _IN_FLIGHT_S
 
     async def _logged_elsewhere(self, decision_id: str) -> StoredDecision | None:
         """A decision another process made in the last `join_wait_s` and has not flushed

@@ -191,8 +191,27 @@ class _Tally:
     def prompt(self, policy: str, prompt: str) -> list[float]:
         return self.prompts.setdefault(policy, {}).setdefault(prompt, [0, 0, 0.0])
 
+    def add(self, other: _Tally) -> None:
+        """Add another tally's sums to this one's."""
+        for mine, theirs in ((self.arms, other.arms), (self.prompts, other.prompts)):
+            for key, rows in theirs.items():
+                for name, v in rows.items():
+                    row = mine.setdefault(key, {}).setdefault(name, [0, 0, 0.0])
+                    for i, x in enumerate(v):
+                        row[i] += x
+        for policy, n in other.users.items():
+            self.users[policy] = self.users.get(policy, 0) + n
+        for served, shadows in other.ope.items():
+            for shadow, v in shadows.items():
+                row = self.ope.setdefault(served, {}).setdefault(shadow, [0.0] * _OPE_FIELDS)
+                for i, x in enumerate(v):
+                    row[i] += x
+
 
 _OPE_FIELDS = 10
+_FOLD_ERRORS: tuple[type[BaseException], ...] = (*_NATS_ERRORS, Conflict)
+_ARCHIVE = "archive"
+_FOLDED_KEPT = 1000
 
 
 class NatsStore:
@@ -588,7 +607,7 @@ class NatsStore:
         from then on (a reset mark hides them; the log's limits delete them)."""
         tu = token(user_id)
         try:
-            keys = await self._keys(self.models, f"*.{tu}")
+            keys = await self._keys(MODELS, f"*.{tu}")
             pending = 0
             for key in keys:
                 policy = untoken(key.split(".", 1)[0])
@@ -732,11 +751,29 @@ class NatsStore:
         return out
 
     async def close(self) -> None:
-        """Write the last tally; the connection belongs to the caller."""
+        """Fold this process's tally into the shared archive and drop its key, so keys do
+        not pile up with every restart (a crashed process's key stays, still counted).
+        The archive remembers the folded instances: a fold retried after a crash between
+        its two writes does not count twice. The connection belongs to the caller."""
         try:
             await self._write_tally()
-        except _NATS_ERRORS as e:
-            log.warning("last tally not written: %s", e)
+            mine = self._tally.dump()
+
+            async def fold(current: bytes | None) -> tuple[bytes | None, None]:
+                doc = json.loads(current) if current else {}
+                folded: list[str] = doc.get("folded", [])
+                if self.instance in folded:
+                    return None, None
+                archive = _Tally.parse(current) if current else _Tally.empty()
+                archive.add(_Tally.parse(mine))
+                out = json.loads(archive.dump())
+                out["folded"] = [*folded, self.instance][-_FOLDED_KEPT:]
+                return json.dumps(out, separators=(",", ":")).encode(), None
+
+            await kvs.update(self.tallies, _ARCHIVE, fold)
+            await self.tallies.delete(self.instance)
+        except _FOLD_ERRORS as e:
+            log.warning("tally of %s not folded into the archive: %s", self.instance, e)
 
     # -- the change feed ------------------------------------------------------------------
 
@@ -782,20 +819,46 @@ class NatsStore:
             sums[tok] = (n + 1, total + float(msg.data or b"0"))
             seq = int(msg.seq or seq) + 1
 
-    async def _keys(self, kv: KeyValue, pattern: str) -> list[str]:
-        try:
-            return [k for k in await kv.keys() if _matches(k, pattern)]
-        except nats.js.errors.NoKeysError:
-            return []
+    async def _keys(self, bucket: str, pattern: str) -> list[str]:
+        """The live keys of a bucket matching a subject pattern, by direct gets along its
+        stream (no consumer, and only the matching subjects are visited)."""
+        pre = f"$KV.{bucket}."
+        live: dict[str, bool] = {}
+        seq = 1
+        while True:
+            try:
+                msg = await self.js.get_msg(
+                    f"KV_{bucket}", seq=seq, next=True, subject=pre + pattern, direct=True
+                )
+            except nats.js.errors.NotFoundError:
+                break
+            live[(msg.subject or "")[len(pre) :]] = bool(msg.data)
+            seq = int(msg.seq or seq) + 1
+        return [k for k, alive in live.items() if alive]
 
     async def _all_tallies(self) -> list[_Tally]:
+        """Every process's tally and the archive, read key by key from the bucket's
+        stream (direct gets, no consumer: a Stats must not leave consumers behind)."""
         await self._write_tally()  # ours first, so a Stats sees what we counted
+        stream, subjects = f"KV_{TALLIES}", f"$KV.{TALLIES}.>"
+        latest: dict[str, bytes] = {}
+        seq = 1
         try:
-            keys = await self.tallies.keys()
-        except nats.js.errors.NoKeysError:
-            return []
-        found = await asyncio.gather(*(self._kv_get(self.tallies, k) for k in keys))
-        return [_Tally.parse(f[1]) for f in found if f is not None]
+            while True:
+                try:
+                    msg = await self.js.get_msg(
+                        stream, seq=seq, next=True, subject=subjects, direct=True
+                    )
+                except nats.js.errors.NotFoundError:
+                    break
+                if msg.data:
+                    latest[msg.subject or ""] = msg.data
+                else:  # a delete marker: that process folded its tally into the archive
+                    latest.pop(msg.subject or "", None)
+                seq = int(msg.seq or seq) + 1
+        except _NATS_ERRORS as e:
+            raise TransientStoreError(f"NATS: {type(e).__name__}: {e}") from e
+        return [_Tally.parse(data) for data in latest.values()]
 
 
 # How long a flush waits for JetStream's acks. A publish whose message or ack was lost
@@ -815,11 +878,6 @@ async def _acks(futures: list[asyncio.Future[Any]]) -> list[Any]:
         for f in futures:
             f.cancel()
         raise
-
-
-def _matches(key: str, pattern: str) -> bool:
-    kp, pp = key.split("."), pattern.split(".")
-    return len(kp) == len(pp) and all(p in ("*", k) for k, p in zip(kp, pp, strict=True))
 
 
 def _subject_safe(decision_id: str) -> bool:
