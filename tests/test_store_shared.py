@@ -336,3 +336,19 @@ async def test_the_change_feed_keeps_another_process_cache_fresh(nats_url: str) 
     for s, nc in ((a, nca), (b, ncb)):
         await s.close()
         await nc.close()
+
+
+async def test_a_stopped_process_tally_is_folded_once_and_still_counted(nats_url: str) -> None:
+    a, nca = await open_nats(nats_url)
+    b, ncb = await open_nats(nats_url)
+    await a.commit([InsertDecision(rec(1, arm="x")), InsertDecision(rec(2, arm="x"))])
+    await b.commit([InsertDecision(rec(3, arm="x"))])
+    await a.close()  # folds a's tally into the archive and deletes a's key
+    await a.close()  # a retried fold (same instance) adds nothing
+    keys = await b._keys("oo_tallies", "*")
+    assert a.instance not in keys and "archive" in keys
+    (arm,) = (await b.policy_totals("p")).arms
+    assert (arm.arm, arm.pulls) == ("x", 3)
+    await b.close()
+    for nc in (nca, ncb):
+        await nc.close()
