@@ -26,6 +26,10 @@ from nats.aio.client import Client
 
 from oo.scoring.v1 import scoring_pb2 as pb
 from oo.scoring.v1 import scoring_pb2_grpc
+from oo_ml.domain.events import Event, TipViewed
+from oo_ml.schema.contracts import ALL_FEATURES
+from oo_ml.stores.sqlite.db import SqliteDB
+from oo_ml.stores.sqlite.profiles import SqliteProfileStore
 from tests.conftest import oo_ml_bin
 from tests.helpers import assert_eventually
 from tests.natsfix import COMPLETED, feedback, running_nats, viewed
@@ -224,12 +228,6 @@ async def test_each_ingested_event_is_applied_once_across_the_workers(
                     *(stub.Score(score("cat", "a", "b"), timeout=30) for _ in range(decisions_each))
                 )
                 decisions += [r.decision_id for r in answers]
-            # Both workers cache the viewer's features before the views arrive (Stats reads
-            # them as Score does, and publishes no serve signal).
-            for stub in stubs:
-                stats = await stub.Stats(pb.StatsRequest(user_id="viewer"), timeout=10)
-                assert "mean_dwell_ms_30d" not in stored_features(stats)
-
             await nc.connect(nats.url)
             js = nc.jetstream()
             events = [feedback(f"fb-{i}", d, COMPLETED, "cat") for i, d in enumerate(decisions)]
@@ -250,23 +248,31 @@ async def test_each_ingested_event_is_applied_once_across_the_workers(
                 assert count(server.db, "SELECT count(*) FROM ingest_applied") == total
 
             await assert_eventually(all_applied, 30)
-            applied_at = time.monotonic()
             mean_dwell = sum(1000 + i for i in range(views)) / views
+            for stub in stubs:
+                stats = await stub.Stats(pb.StatsRequest(user_id="viewer"), timeout=10)
+                assert stored_features(stats)["mean_dwell_ms_30d"] == mean_dwell
 
-            # The worker that did not record the last views learns of them from the
-            # change feed, not from its feature cache's 30 s expiry.
-            async def both_see_the_views() -> None:
+            # Another process records a view on the file: both workers have the viewer's
+            # features cached (for OO_FEATURE_CACHE_S, 30 s), and the change sequence
+            # makes both drop them within a second.
+            await record_elsewhere(server.db, [tip_viewed("elsewhere-1", "viewer", 1000 + views)])
+            written_at = time.monotonic()
+            mean_dwell = sum(1000 + i for i in range(views + 1)) / (views + 1)
+
+            async def both_see_it() -> None:
                 for stub in stubs:
                     stats = await stub.Stats(pb.StatsRequest(user_id="viewer"), timeout=10)
-                    assert stored_features(stats).get("mean_dwell_ms_30d") == mean_dwell
+                    assert stored_features(stats)["mean_dwell_ms_30d"] == mean_dwell
 
-            await assert_eventually(both_see_the_views, within=5, interval=0.01)
-            assert time.monotonic() - applied_at < 1.0
+            await assert_eventually(both_see_it, within=5, interval=0.01)
+            took = time.monotonic() - written_at
+            assert took < 1.0, f"the workers saw the new profile after {took:.3f}s"
             await asyncio.sleep(1.0)  # any stray redelivery would land now
-            assert count(server.db, "SELECT count(*) FROM ingest_applied") == total
+            assert count(server.db, "SELECT count(*) FROM ingest_applied") == total + 1
             assert count(server.db, "SELECT total(served) FROM ingest_daily") == served
             assert count(server.db, "SELECT total(completed) FROM ingest_daily") == len(decisions)
-            assert count(server.db, "SELECT total(views) FROM ingest_daily") == views
+            assert count(server.db, "SELECT total(views) FROM ingest_daily") == views + 1
             stats = [await s.Stats(pb.StatsRequest(), timeout=10) for s in stubs]
             assert stats[0].rewarded == len(decisions)
             # Each message went to one worker: their counters add up to the events, once.
@@ -281,7 +287,22 @@ async def test_each_ingested_event_is_applied_once_across_the_workers(
             await server.aclose()
 
 
+async def record_elsewhere(db: Path, events: list[Event]) -> None:
+    """Record events in the workers' file from this process: another writer on it."""
+    profiles = SqliteProfileStore(SqliteDB(db), 7 * 86400.0, ALL_FEATURES)
+    try:
+        assert await profiles.record(events, time.time()) == [True] * len(events)
+    finally:
+        await profiles.db.close()
+
+
+def tip_viewed(event_id: str, user_id: str, dwell_ms: int) -> Event:
+    return Event(event_id, user_id, time.time(), "tip_viewed", TipViewed("", "t", dwell_ms))
+
+
 def stored_features(answer: pb.StatsResponse) -> dict[str, float]:
+    """The profile values the server read from its store (Stats reads them as Score does,
+    from the same cache, and publishes no serve signal)."""
     return {
         f.name: f.value
         for f in answer.features
@@ -368,6 +389,9 @@ async def test_one_local_nats_metrics_of_every_worker_restart_and_stop(
 
 def test_a_taken_port_fails_the_start(tmp_path: Path, clean_env: dict[str, str]) -> None:
     with socket.socket() as taken:
+        # As another `oo-ml serve --workers` would hold it: grpc's SO_REUSEPORT would let
+        # the workers join it without a word, so the parent must check first.
+        taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
