@@ -13,8 +13,10 @@ held the largest ones were pruned: a follower that remembers "seen up to 1234" c
 mistake a new row for one it saw. `origin` is the writing `SqliteDB`'s random id, so a
 follower skips its own writes (its caches took them already, by write-through).
 
-`SqliteChangeFeed.follow` polls `WHERE seq > last` every `POLL_S` on the store's reader
-thread (it never waits behind a commit) and hands each batch to `apply`. `prune`, run by
+`SqliteChangeFeed.follow` has a thread look at the head of the sequence every `POLL_S` (a
+few µs on a connection of its own) and, when it moved, reads `WHERE seq > last` on the
+store's reader thread (which never waits behind a commit), handing each batch to `apply`.
+The table is read every `FULL_READ_S` anyway, whatever the probe says. `prune`, run by
 upkeep, deletes rows older than about `RETENTION_S` and records the highest seq deleted in
 `change_horizon`; a follower whose `last` is below it lost rows it never saw (it was
 frozen longer than the retention) and reports an `EVERY_USER` change: drop every cache.
@@ -27,6 +29,7 @@ import collections
 import contextlib
 import logging
 import sqlite3
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import TypeVar
@@ -58,6 +61,8 @@ INSERT OR IGNORE INTO change_horizon (id, pruned_through) VALUES (0, 0)
 POLL_S = 0.010
 """How often a follower looks for new rows: a model another worker changed is served
 at most this much (plus a reader hop) older than the store's."""
+FULL_READ_S = 1.0
+"""The table is read at least this often, whatever the probe says."""
 RETENTION_S = 60.0
 """How long rows are kept: a follower frozen for longer starts over (EVERY_USER)."""
 PRUNE_EVERY_S = 15.0
@@ -90,6 +95,61 @@ def _read(conn: sqlite3.Connection, after: int) -> tuple[int, list[tuple[int, st
         (after, _BATCH),
     ).fetchall()
     return (int(horizon[0]) if horizon else 0), rows
+
+
+def _set(loop: asyncio.AbstractEventLoop, event: asyncio.Event) -> None:
+    with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+        loop.call_soon_threadsafe(event.set)
+
+
+def _head(conn: sqlite3.Connection) -> tuple[int, int]:
+    row = conn.execute(
+        "SELECT (SELECT max(seq) FROM changes),"
+        " (SELECT pruned_through FROM change_horizon WHERE id = 0)"
+    ).fetchone()
+    return int(row[0] or 0), int(row[1] or 0)
+
+
+class _Probe(threading.Thread):
+    """Looks at the head of the sequence every `poll_s` on a connection of its own and
+    calls `wake` when it moved. A thread, not a timer on the event loop: a loop wake-up
+    costs the server about 85 µs of CPU (grpc's poller included), so 100 polls a second
+    cost an idle server 1% of a core; this thread about half that (the sleep's timer wake
+    is most of it), and under load it wakes the loop only when the sequence moved."""
+
+    def __init__(self, path: str, poll_s: float, start: int, wake: Callable[[], None]) -> None:
+        super().__init__(name="oo-sqlite-changes", daemon=True)
+        self.path = path
+        self.poll_s = poll_s
+        self.wake = wake
+        self._head = (start, 0)
+        self._stop_event = threading.Event()
+
+    def stop(self) -> None:
+        self._stop_event.set()
+
+    def run(self) -> None:
+        conn: sqlite3.Connection | None = None
+        try:
+            while not self._stop_event.is_set():
+                time.sleep(self.poll_s)  # cheaper than Event.wait(timeout): a stop waits a poll
+                try:
+                    if conn is None:
+                        conn = sqlite3.connect(self.path, isolation_level=None)
+                        conn.execute("PRAGMA query_only=ON")
+                        conn.execute("PRAGMA busy_timeout=100")
+                    head = _head(conn)
+                except sqlite3.Error:
+                    # The feed's own read reports and retries; wake it, less often.
+                    self.wake()
+                    self._stop_event.wait(1.0)
+                    continue
+                if head != self._head:
+                    self._head = head
+                    self.wake()
+        finally:
+            if conn is not None:
+                conn.close()
 
 
 def _last_seq(conn: sqlite3.Connection) -> int:
@@ -128,10 +188,36 @@ class SqliteChangeFeed:
             if start is None:
                 return
             self.last, self._positioned = start, True
-        while not stop.is_set():
+        loop = asyncio.get_running_loop()
+        wake = asyncio.Event()
+        probe = None
+        if self.db.path != ":memory:":  # private to its connection: nobody else writes it
+            probe = _Probe(self.db.path, self.poll_s, self.last, lambda: _set(loop, wake))
+            probe.start()
+        stopping = asyncio.create_task(stop.wait())
+        try:
+            while not stop.is_set():
+                if not await self._poll(apply, stop):
+                    return
+                # Until the probe sees a new row (or a prune), or FULL_READ_S passes.
+                woken = asyncio.create_task(wake.wait())
+                await asyncio.wait(
+                    {woken, stopping}, timeout=FULL_READ_S, return_when=asyncio.FIRST_COMPLETED
+                )
+                woken.cancel()
+                wake.clear()  # before the read: a row committed after it wakes us again
+        finally:
+            stopping.cancel()
+            if probe is not None:
+                probe.stop()
+                await asyncio.to_thread(probe.join)
+
+    async def _poll(self, apply: Callable[[Sequence[Change]], None], stop: asyncio.Event) -> bool:
+        """Read and apply what is new, all of it; False when stopped meanwhile."""
+        while True:
             got = await self._retry(lambda: self.db.read(lambda c: _read(c, self.last)), stop)
             if got is None:
-                return
+                return False
             horizon, rows = got
             changes: list[Change] = []
             if horizon > self.last:
@@ -155,8 +241,7 @@ class SqliteChangeFeed:
                 self.seen += len(changes)
                 apply(changes)
             if len(rows) < _BATCH:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), self.poll_s)
+                return True
 
     async def catch_up(self) -> None:
         """Start following from the end of the sequence as it is now. Call it before
