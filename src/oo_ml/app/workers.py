@@ -37,7 +37,7 @@ import socket
 import sys
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 from prometheus_client import generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -120,7 +120,6 @@ class Slot:
     metrics_port: int | None = None
     restarts: int = 0
     started_at: float = 0.0
-    pids: list[int] = field(default_factory=list)
 
     @property
     def alive(self) -> bool:
@@ -141,6 +140,7 @@ class Workers:
         self._stopping = False
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._drains: set[asyncio.Task[None]] = set()
         self._endpoint: MetricsEndpoint | None = None
 
     async def start(self) -> int:
@@ -207,7 +207,6 @@ class Workers:
             *args, env=self._env, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE
         )
         slot.started_at = time.monotonic()
-        slot.pids.append(proc.pid)
         try:
             await asyncio.wait_for(self._listening(slot, proc), START_TIMEOUT_S)
         except TimeoutError:
@@ -218,7 +217,9 @@ class Workers:
                 1,
             ) from None
         # The worker prints nothing more on stdout, but a full pipe would stall it.
-        self._tasks.append(asyncio.create_task(_drain(proc)))
+        drain = asyncio.create_task(_drain(proc))
+        self._drains.add(drain)
+        drain.add_done_callback(self._drains.discard)
 
     async def _listening(self, slot: Slot, proc: asyncio.subprocess.Process) -> None:
         assert proc.stdout is not None
@@ -262,8 +263,8 @@ class Workers:
             slot.restarts += 1
             try:
                 await self._spawn(slot)
-            except WorkerFailed as e:
-                log.error("%s", e)  # the loop sees it exited and tries again, later
+            except Exception as e:  # it exited, hung or could not be spawned: again, later
+                log.error("starting worker %d again failed: %s", slot.index, e)
                 continue
             log.info("worker %d is back (pid %d)", slot.index, slot.proc.pid)
 
@@ -289,6 +290,8 @@ class Workers:
         """SIGTERM to every worker, wait while they drain, then NATS. 0 if all exited 0."""
         self._stopping = True
         self._stop.set()
+        # Those alive now are stopped; one that died before (and waits for its restart)
+        # already had its exit logged.
         live = [s for s in self.slots if s.alive]
         for s in live:
             assert s.proc is not None
@@ -296,9 +299,8 @@ class Workers:
                 s.proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + self.config.server.grace_s + STOP_MARGIN_S
         codes: list[int] = []
-        for s in self.slots:
-            if s.proc is None:
-                continue
+        for s in live:
+            assert s.proc is not None
             try:
                 codes.append(
                     await asyncio.wait_for(s.proc.wait(), max(deadline - time.monotonic(), 0.1))
@@ -309,9 +311,10 @@ class Workers:
                 )
                 s.proc.kill()
                 codes.append(await s.proc.wait())
-        for task in self._tasks:
+        tasks = [*self._tasks, *self._drains]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         self._tasks.clear()
         if self.nats is not None:
             await self.nats.stop()
@@ -403,7 +406,7 @@ def serve_workers(config: Config, *, log_level: str, log_format: str) -> int:
             loop.add_signal_handler(sig, workers._stop.set)
         try:
             port = await workers.start()
-        except PortTaken as e:
+        except OSError as e:  # the port is taken, the host does not resolve, ...
             print(f"oo-ml: {e}", file=sys.stderr)
             return 1
         except WorkerFailed as e:
