@@ -172,6 +172,7 @@ async def test_a_reward_through_one_worker_reaches_the_other_within_a_second(
 
         await assert_eventually(b_has_the_new_model, within=5, interval=0.01)
         took = time.monotonic() - t0
+        print(f"worker B used the new model after {1000 * took:.0f} ms")
         assert took < 1.0, f"worker B used the new model only after {took:.3f}s"
         stats_a = await a.Stats(pb.StatsRequest(user_id="ann"), timeout=10)
         assert stats_a.server == id_a and stats_a.rewarded == 1
@@ -267,6 +268,7 @@ async def test_each_ingested_event_is_applied_once_across_the_workers(
 
             await assert_eventually(both_see_it, within=5, interval=0.01)
             took = time.monotonic() - written_at
+            print(f"both workers saw the new profile after {1000 * took:.0f} ms")
             assert took < 1.0, f"the workers saw the new profile after {took:.3f}s"
             await asyncio.sleep(1.0)  # any stray redelivery would land now
             assert count(server.db, "SELECT count(*) FROM ingest_applied") == total + 1
