@@ -1,7 +1,7 @@
 """The protected mode of `oo-ml serve`: a non-loopback address needs TLS and a token.
 
 No grpc here: the parent of `oo-ml serve --workers N` runs this check and never imports
-grpc (ADR 0019).
+grpc (ADR 0020).
 """
 
 from __future__ import annotations

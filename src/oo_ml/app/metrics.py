@@ -154,7 +154,7 @@ class Metrics:
 
     def change_feed(self, feed: ChangeFeedCounters) -> None:
         """The change feed's counters: other processes' writes followed, polls failed,
-        times it fell behind the prune (ADR 0019)."""
+        times it fell behind the prune (ADR 0020)."""
 
         def families() -> Iterable[Metric]:
             yield CounterMetricFamily(

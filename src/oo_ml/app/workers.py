@@ -1,4 +1,4 @@
-"""`oo-ml serve --workers N`: a parent process and N server processes on one port (ADR 0019).
+"""`oo-ml serve --workers N`: a parent process and N server processes on one port (ADR 0020).
 
 A grpc.aio server is one event loop, so one core; N processes serve on N. The parent:
 

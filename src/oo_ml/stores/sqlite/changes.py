@@ -1,4 +1,4 @@
-"""The change sequence of a SQLite file, and the `ChangeFeed` that follows it (ADR 0019).
+"""The change sequence of a SQLite file, and the `ChangeFeed` that follows it (ADR 0020).
 
 Several processes may share one SQLite file (`oo-ml serve --workers N`, `oo-ml migrate`
 beside a running server), and each keeps models and profile features in memory. So every

@@ -146,7 +146,7 @@ MIGRATIONS: list[str] = [
     ALTER TABLE off_policy ADD COLUMN weight_sq_reward_sq_sum REAL NOT NULL DEFAULT 0;
     """,
     # Issue 11: the change sequence every write of learned state bumps, which the
-    # processes sharing this file follow to keep their caches fresh (ADR 0019).
+    # processes sharing this file follow to keep their caches fresh (ADR 0020).
     changes.SCHEMA,
 ]
 
