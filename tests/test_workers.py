@@ -118,8 +118,14 @@ class Workers:
 
     def close(self) -> None:
         if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+            # SIGTERM first, even after a failure: a parent killed with -9 leaves its
+            # nats-server running (the next start on the data dir would stop it).
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
         assert self.proc.stdout is not None
         self.proc.stdout.close()
         self._log.close()
