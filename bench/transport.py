@@ -19,6 +19,9 @@ Parts (`--only`, comma-separated; all but rss by default, `--with-rss` adds it):
            from SQLite's own pages (dbstat) in the measured server's file
   rss      oo-ml's RSS with 100,000 users' state (filling them takes 3.5 min at the
            current server's ~450 Score/s, hence behind a flag)
+  workers  Score at 16 connections, `oo-ml serve --workers 2` against one process, in
+           interleaved rounds (issue 11: two workers >= 1.3 x one); the kernel spreads
+           the connections, so each round also records how the CPU split between them
 
 Writes bench/results/latest.json and latest.md (or `--out NAME`) and prints the table.
 """
@@ -75,8 +78,11 @@ TARGET_ORDER = [
     "oo-ml fresh (grpc.aio)",
     "oo-ml nats",
     "oo-ml nats x2",
+    "oo-ml 1 worker",
+    "oo-ml 2 workers",
 ]
-ALL_PARTS = ("score", "reward", "latency", "profile", "disk", "rss", "store")
+ALL_PARTS = ("score", "reward", "latency", "profile", "disk", "workers", "rss", "store")
+WORKERS_CONNECTIONS = 16
 CANDIDATES = 10
 SERVED = "egreedy-v2"
 SHADOWS = "linucb,lints"
@@ -141,6 +147,7 @@ class Server:
     data_dir: tempfile.TemporaryDirectory[str] | None = None
     log: Any = None  # the server's stderr, a temporary file
     decisions: list[str] = field(default_factory=list)
+    workers: int = 1  # > 1: the process is the parent of that many oo-ml workers
 
     def check_alive(self) -> None:
         """Stop the bench with the server's last words if it exited (or was killed)."""
@@ -165,9 +172,16 @@ class Server:
         return f"http://{self.addr}{path}"
 
     def cpu_s(self) -> float:
-        """utime + stime of the server process, from /proc."""
-        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        """utime + stime of the server process, from /proc (with its workers' when it is
+        the parent of `--workers N`)."""
+        return sum(self.cpu_by_process().values())
+
+    def cpu_by_process(self) -> dict[int, float]:
+        pids = [self.pid]
+        if self.workers > 1:
+            children = Path(f"/proc/{self.pid}/task/{self.pid}/children")
+            pids += [int(p) for p in children.read_text().split()]
+        return {pid: proc_cpu_s(pid) for pid in pids}
 
     def rss_mb(self) -> float:
         m = re.search(r"VmRSS:\s+(\d+) kB", Path(f"/proc/{self.pid}/status").read_text())
@@ -185,6 +199,15 @@ class Server:
             self.data_dir.cleanup()
         if self.log is not None:
             self.log.close()
+
+
+def proc_cpu_s(pid: int) -> float:
+    """utime + stime of one process, from /proc; 0 once it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def start(name: str, kind: str, args: list[str], env: dict[str, str] | None = None) -> Server:
@@ -246,12 +269,14 @@ class Servers:
             "oo-ml": ("oo-ml", [*oo, "--no-ingest"], oo_ml_env()),
             "oo-ml ingest": ("oo-ml", oo, oo_ml_env()),
             "oo-ml shadows": ("oo-ml", [*oo, "--no-ingest"], oo_ml_env(SHADOWS)),
+            "oo-ml 2 workers": ("oo-ml", [*oo, "--no-ingest", "--workers", "2"], oo_ml_env()),
         }
         if name.startswith("oo-ml nats"):
             nats_env = {**oo_ml_env(), "OO_STATE": "nats", "OO_NATS_URL": self.nats_url()}
             specs[name] = ("oo-ml", [*oo, "--no-ingest"], nats_env)
         kind, args, env = specs[name]
         server = start(name, kind, args, env)
+        server.workers = 2 if "--workers" in args else 1
         envs = "".join(f"{k}={shlex.quote(v)} " for k, v in (env or {}).items())
         data = " --data-dir TMP" if kind == "oo-ml" else ""
         self.commands[name] = f"{envs}{shlex.join(args)}{data}"
@@ -869,6 +894,38 @@ class Bench:
         }
         print(f"  disk: {self.extra['disk']}", flush=True)
 
+    def part_workers(self) -> None:
+        """Score through two workers against one process, interleaved, at 16 connections."""
+        pairs = (("oo-ml 1 worker", "oo-ml"), ("oo-ml 2 workers", "oo-ml 2 workers"))
+
+        def warm() -> None:
+            for _, name in pairs:
+                self.server(name)
+
+        def one_round(rnd: int) -> None:
+            for target, name in pairs:
+                s = self.server(name)
+                before = s.cpu_by_process()
+                self.measure(
+                    "workers",
+                    target,
+                    s,
+                    connections=WORKERS_CONNECTIONS,
+                    rnd=rnd,
+                    make_body=partial(score_request, policy=SERVED),
+                    path="Score",
+                )
+                if s.workers > 1:
+                    after = s.cpu_by_process()
+                    split = [after[p] - before.get(p, 0.0) for p in after if p != s.pid]
+                    self.extra.setdefault("workers_cpu_s", []).append(
+                        {"round": rnd, "parent": after[s.pid] - before[s.pid], "workers": split}
+                    )
+
+        self.attempt("warm-up", warm)
+        for rnd in range(self.ns.rounds):
+            self.attempt(f"workers round {rnd}", partial(one_round, rnd))
+
     def part_rss(self) -> None:
         self.attempt("rss", self._rss)
 
@@ -945,7 +1002,7 @@ def median_of(
 
 def summarise(b: Bench) -> dict[str, Any]:
     ms = b.measurements
-    scenarios = ["score", "latency@half", "reward", "stats", "store"]
+    scenarios = ["score", "latency@half", "reward", "stats", "workers", "store"]
     order = sorted(
         {(m.scenario, m.connections, m.target) for m in ms},
         key=lambda k: (scenarios.index(k[0]), k[1], TARGET_ORDER.index(k[2])),
@@ -1064,6 +1121,31 @@ def targets(b: Bench, ms: list[Measurement]) -> list[dict[str, Any]]:
             per <= 512,
             f"{disk['bytes']:,} bytes over {disk['decisions']:,} decisions (dbstat)",
         )
+    one, two = (
+        med("workers", "oo-ml 1 worker", WORKERS_CONNECTIONS),
+        med("workers", "oo-ml 2 workers", WORKERS_CONNECTIONS),
+    )
+    if one and two:
+        r = two / one
+        # Each round's two measurements are seconds apart: their ratio is less exposed to
+        # what other tenants do over the minutes of the run than the ratio of medians.
+        by_round: dict[int, dict[str, float]] = {}
+        for m in ms:
+            if m.scenario == "workers":
+                by_round.setdefault(m.round, {})[m.target] = m.qps
+        pairs = [
+            q["oo-ml 2 workers"] / q["oo-ml 1 worker"]
+            for q in by_round.values()
+            if q.get("oo-ml 1 worker") and "oo-ml 2 workers" in q
+        ]
+        add(
+            f"Score QPS, 2 workers / 1 process, {WORKERS_CONNECTIONS} connections",
+            r,
+            ">= 1.3",
+            r >= 1.3,
+            f"{two:.0f} / {one:.0f}; per round {', '.join(f'{p:.2f}' for p in pairs)}"
+            f" (median {statistics.median(pairs):.2f})",
+        )
     rss = b.extra.get("rss")
     if rss:
         limit = rss["state_cache_mb"] + 250
@@ -1142,6 +1224,22 @@ def render(report: dict[str, Any]) -> str:
             f" | {'—' if t['met'] is None else 'met' if t['met'] else 'MISSED'} | {t['detail']} |"
         )
     lines += ["", "## Load generator headroom", ""] + [f"- {h}" for h in report["headroom"]]
+    split = report["extra"].get("workers_cpu_s")
+    if split:
+        lines += [
+            "",
+            "## How the two workers shared the work",
+            "",
+            "CPU seconds of each worker (and of their parent) during each 2-worker measurement:"
+            " the kernel hashes each connection to one worker, so an uneven split of the 16"
+            " connections shows here.",
+            "",
+            *[
+                f"- round {w['round']}: workers {', '.join(f'{c:.2f}' for c in w['workers'])};"
+                f" parent {w['parent']:.2f}"
+                for w in split
+            ],
+        ]
     top = report["extra"].get("profile_top")
     if top:
         lines += [
@@ -1178,6 +1276,14 @@ def headroom(summary: dict[str, Any]) -> list[str]:
                 f" so h2load alone could issue about {1e6 / us:,.0f} requests per core-second"
                 if us
                 else "echo: no h2load CPU measured"
+            )
+    for r in summary["rows"]:
+        if r["scenario"] == "workers":
+            out.append(
+                f"{r['target']} at {r['connections']} connections: {r['qps']:.0f} QPS with"
+                f" h2load using {r['loadgen_cores']:.2f} cores, the server (all its processes)"
+                f" {r['qps'] * r['server_cpu_ms_per_req'] / 1000:.2f} cores, anything else"
+                f" {r['other_cores']:.2f}"
             )
     for r in summary["rows"]:
         if r["target"] == "oo-ml" and r["scenario"] == "score":

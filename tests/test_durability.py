@@ -46,8 +46,10 @@ async def snapshot(stub: scoring_pb2_grpc.ScoringServiceStub, users: list[str]) 
     out = []
     for u in users:
         stats = await stub.Stats(pb.StatsRequest(user_id=u))
-        # Feature values include the server clock, which moves between runs.
+        # Feature values include the server clock, which moves between runs, and the
+        # answering process (host/pid) is a new one after the restart.
         del stats.features[:]
+        stats.server = ""
         out.append(stats.SerializeToString(deterministic=True))
     return out
 

@@ -16,8 +16,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from oo.scoring.v1 import scoring_pb2 as pb
 from oo.scoring.v1 import scoring_pb2_grpc
 from oo_ml import config as config_mod
+from oo_ml.app.exposure import exposure_problem, is_loopback
 from oo_ml.app.supervisor import App
-from oo_ml.app.tls import exposure_problem, is_loopback
 from tests.certs import CA, Pem
 from tests.conftest import ServerFactory, oo_ml_bin
 from tests.helpers import ServerProcess

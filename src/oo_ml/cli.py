@@ -15,8 +15,9 @@ from oo_ml.gate_history import DEFAULT_PATH as DEFAULT_HISTORY
 
 
 def _serve(ns: argparse.Namespace) -> int:
-    from oo_ml.app.supervisor import serve
-    from oo_ml.app.tls import exposure_problem
+    # No grpc import before we know which process this is: the parent of N workers never
+    # imports it (app/workers.py).
+    from oo_ml.app.exposure import exposure_problem
 
     try:
         cfg = config_mod.load(flags=ns)
@@ -32,8 +33,17 @@ def _serve(ns: argparse.Namespace) -> int:
     if problem is not None:
         print(f"oo-ml: {problem}", file=sys.stderr)
         return 2
+    if cfg.server.workers > 1 and ns.worker is None:
+        from oo_ml.app import logs
+        from oo_ml.app.workers import serve_workers
+
+        return serve_workers(
+            cfg, log_level=ns.log_level, log_format=ns.log_format or logs.default_format()
+        )
+    from oo_ml.app.supervisor import serve
+
     try:
-        asyncio.run(serve(cfg))
+        asyncio.run(serve(cfg, worker=ns.worker))
     except (OoError, ValueError) as e:  # e.g. an unknown default policy or prompt version
         print(f"oo-ml: {e}", file=sys.stderr)
         return 2
@@ -342,6 +352,8 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--no-ingest", action="store_true", help="Do not consume NATS JetStream (env OO_INGEST=0)."
     )
+    # Set by the parent of `--workers N` on each process it starts (app/workers.py).
+    serve.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
     serve.set_defaults(func=_serve)
     cfg = sub.add_parser("config", help="list every setting, its variable, flag and default")
     cfg.set_defaults(func=_config)
@@ -467,6 +479,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs.configure(
         ns.log_format or logs.default_format(),
         getattr(logging, str(ns.log_level).upper(), logging.INFO),
+        worker=getattr(ns, "worker", None),
     )
     try:
         result: int = ns.func(ns)

@@ -466,6 +466,29 @@ def load(env: Mapping[str, str] | None = None, flags: argparse.Namespace | None 
     )
 
 
+def to_env(config: Config) -> dict[str, str]:
+    """Every setting of `config` as its environment variable, so that
+    `load(env=to_env(c)) == c`: how `oo-ml serve --workers N` hands the settings it
+    resolved (its flags included) to the worker processes it starts."""
+    out: dict[str, str] = {}
+    for section, _cls, f in _leaves():
+        value = getattr(getattr(config, section), f.name)
+        out[f.metadata["env"]] = _as_env(value, str(f.type))
+    return out
+
+
+def _as_env(value: Any, type_name: str) -> str:
+    if value is None:
+        return "off" if type_name == "float | None" else ""
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, tuple):
+        return ",".join(value)
+    if isinstance(value, float):
+        return repr(value)  # round-trips exactly
+    return str(value)
+
+
 def describe() -> list[tuple[str, str, str, str]]:
     """(env, flag, default, help) for every setting, for `oo-ml config` and the README."""
     return [

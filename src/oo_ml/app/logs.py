@@ -84,14 +84,33 @@ class JsonFormatter(logging.Formatter):
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s"
 
 
-def configure(fmt: str = "json", level: int | str = logging.INFO) -> None:
-    """One stderr handler with the request-id filter, in `json` or `text`."""
+class WorkerFilter(logging.Filter):
+    """Marks every record with the worker index of `oo-ml serve --workers N`: the workers
+    share the parent's stderr, and a line must say which of them wrote it."""
+
+    def __init__(self, worker: int) -> None:
+        super().__init__()
+        self.worker = worker
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.worker = self.worker
+        return True
+
+
+def configure(
+    fmt: str = "json", level: int | str = logging.INFO, worker: int | None = None
+) -> None:
+    """One stderr handler with the request-id filter, in `json` or `text`; `worker` (in a
+    worker process) adds a `worker` field, shown in text lines as `wN`."""
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(RequestIdFilter())
+    if worker is not None:
+        handler.addFilter(WorkerFilter(worker))
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     elif fmt == "text":
-        handler.setFormatter(logging.Formatter(TEXT_FORMAT))
+        text = TEXT_FORMAT if worker is None else TEXT_FORMAT.replace(" [", " w%(worker)s [", 1)
+        handler.setFormatter(logging.Formatter(text))
     else:
         raise ValueError(f"unknown log format {fmt!r} (json or text)")
     root = logging.getLogger()

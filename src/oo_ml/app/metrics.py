@@ -23,10 +23,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import os
-from collections.abc import Callable, Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Protocol
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -52,6 +53,12 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 Labels = tuple[tuple[str, str], ...]
 # A scrape-time source: yields ready metric families.
 Source = Callable[[], Iterable[Metric]]
+
+
+class ChangeFeedCounters(Protocol):
+    seen: int
+    failures: int
+    lost_track: int
 
 
 class _ScrapeTime(Collector):
@@ -145,6 +152,29 @@ class Metrics:
         """The engine's counters, its upkeep jobs, the decision log and the model cache."""
         self.source(lambda: _engine_families(engine))
 
+    def change_feed(self, feed: ChangeFeedCounters) -> None:
+        """The change feed's counters: other processes' writes followed, polls failed,
+        times it fell behind the prune (ADR 0020)."""
+
+        def families() -> Iterable[Metric]:
+            yield CounterMetricFamily(
+                "oo_change_feed_changes",
+                "Writes by other processes on the store applied to this process's caches.",
+                value=feed.seen,
+            )
+            yield CounterMetricFamily(
+                "oo_change_feed_failures",
+                "Polls of the change sequence that failed (retried).",
+                value=feed.failures,
+            )
+            yield CounterMetricFamily(
+                "oo_change_feed_lost_track",
+                "Times the feed fell behind the prune and dropped every cached entry.",
+                value=feed.lost_track,
+            )
+
+        self.source(families)
+
     def value(self, name: str, labels: Labels = ()) -> float:
         """One sample's current value (0 when absent): `value("oo_rpc_total", (("method",
         "Score"), ("code", "OK")))`."""
@@ -177,6 +207,12 @@ def _engine_families(engine: ScoringEngine) -> Iterable[Metric]:
     )
     yield gauge(
         "oo_users_locked", "Users with an update in flight or waiting.", engine.users_locked
+    )
+    yield counter(
+        "oo_reward_conflicts",
+        "Reward commits that lost a compare-and-set to another writer (another worker or"
+        " replica) and were retried.",
+        engine.conflicts,
     )
     yield counter(
         "oo_decisions_set_aside", "Decisions set aside by upkeep.", engine.upkeep.set_aside
@@ -240,10 +276,16 @@ def _engine_families(engine: ScoringEngine) -> Iterable[Metric]:
     yield counter("oo_model_cache_evictions", "Model cache evictions.", models.evictions)
 
 
+class Renders(Protocol):
+    """What the endpoint serves: `Metrics`, or the workers' parent (which reads them)."""
+
+    def render(self) -> bytes | Awaitable[bytes]: ...
+
+
 class MetricsEndpoint:
     """GET /metrics on host:port. Idempotent stop."""
 
-    def __init__(self, metrics: Metrics, host: str, port: int) -> None:
+    def __init__(self, metrics: Renders, host: str, port: int) -> None:
         self.metrics = metrics
         self.host = host
         self.port = port
@@ -260,7 +302,8 @@ class MetricsEndpoint:
             while (await asyncio.wait_for(reader.readline(), 5)) not in (b"\r\n", b"\n", b""):
                 pass
             if request.split(b" ")[:2] == [b"GET", b"/metrics"]:
-                body = self.metrics.render()
+                rendered = self.metrics.render()
+                body = await rendered if inspect.isawaitable(rendered) else rendered
                 head = f"HTTP/1.1 200 OK\r\nContent-Type: {CONTENT_TYPE_LATEST}\r\n".encode()
             else:
                 body = b"not found\n"

@@ -20,7 +20,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
+import socket
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -32,8 +34,9 @@ from grpc_reflection.v1alpha import reflection
 from nats.aio.client import Client
 
 from oo.scoring.v1 import scoring_pb2, scoring_pb2_grpc
+from oo_ml.app.exposure import exposure_problem
 from oo_ml.app.metrics import Metrics, MetricsEndpoint
-from oo_ml.app.tls import CertificateFiles, exposure_problem, server_credentials
+from oo_ml.app.tls import CertificateFiles, server_credentials
 from oo_ml.config import Config
 from oo_ml.domain.engine import ScoringEngine
 from oo_ml.domain.features import FeatureStore, NoStoredFeatures, NoTasks, TaskSource
@@ -46,6 +49,7 @@ from oo_ml.ingest.runner import Ingest, connection_options, server_list
 from oo_ml.schema.contracts import ALL_FEATURES, MAX_CANDIDATES
 from oo_ml.stores.nats.profiles import NatsProfileStore
 from oo_ml.stores.nats.scoring import NatsStore
+from oo_ml.stores.sqlite.changes import PRUNE_EVERY_S, SqliteChangeFeed
 from oo_ml.stores.sqlite.profiles import SqliteProfileStore
 from oo_ml.stores.sqlite.scoring import SqliteStore
 
@@ -64,6 +68,8 @@ _UPKEEP_HEALTH_EVERY_S = 1.0
 class App:
     config: Config
     port: int = 0
+    worker: int | None = None
+    """Set in a worker process of `oo-ml serve --workers N` (its index), None otherwise."""
     engine: ScoringEngine | None = None
     store: SqliteStore | NatsStore | None = None
     generator: Generator | None = None
@@ -82,6 +88,14 @@ class App:
     _feeds: list[tuple[ChangeFeed, Callable[[Sequence[Change]], None]]] = field(
         default_factory=list
     )
+    # SQLite: the profile store and the change feed that keeps its cache and the models'
+    # in step with other processes on the file.
+    profiles: SqliteProfileStore | None = None
+    feed: SqliteChangeFeed | None = None
+
+    @property
+    def metrics_port(self) -> int | None:
+        return self._metrics_endpoint.port if self._metrics_endpoint is not None else None
 
     async def start(self) -> int:
         cfg = self.config
@@ -125,7 +139,7 @@ class App:
             sqlite_store = SqliteStore.open(cfg.server.data_dir / DB_FILE)
             self.store = store = sqlite_store
             if cfg.ingest.enabled:
-                profiles = SqliteProfileStore(
+                profiles = self.profiles = SqliteProfileStore(
                     sqlite_store.db,
                     cfg.ingest.dedupe_window_s,
                     ALL_FEATURES,
@@ -146,6 +160,15 @@ class App:
             models = engine.models
             feed = store.change_feed(lambda u, p: models.cached(u, p) is not None)
             self._feeds.append((feed, models.apply))
+        else:
+            # Other processes on the file (workers, `oo-ml migrate`) write models and
+            # profiles too: its change sequence keeps this process's caches in step
+            # (ADR 0020). Followed even alone on the file: idle, it costs 0.6% of a core.
+            self.feed = SqliteChangeFeed(store.db)
+            await self.feed.catch_up()  # from here on, before anything can be cached
+            engine.upkeep.add_job("changes", PRUNE_EVERY_S, self.feed.prune)
+            self.metrics.change_feed(self.feed)
+            self._feeds.append((self.feed, self._apply_changes))
         self.generator = generator = self._make_generator(tasks)
         if ingest is not None:
             ingest.attach(engine)
@@ -156,8 +179,10 @@ class App:
             options=[
                 ("grpc.max_receive_message_length", cfg.server.max_message_bytes),
                 ("grpc.max_send_message_length", cfg.server.max_message_bytes),
-                # Fail loudly if the port is taken instead of sharing it silently.
-                ("grpc.so_reuseport", 0),
+                # Alone, fail loudly if the port is taken instead of sharing it silently;
+                # as one of N workers, share it with the others (the parent checked that
+                # it was free before starting them: `app/workers.py`).
+                ("grpc.so_reuseport", 1 if self.worker is not None else 0),
             ],
         )
         guard = EdgeGuard(cfg.server.auth_token, cfg.server.admin_token, self.metrics)
@@ -169,6 +194,7 @@ class App:
                 generator,
                 max_candidates,
                 ingest_stats=ingest.stats if ingest is not None else dict,
+                server_id=f"{socket.gethostname()}/{os.getpid()}",
             ),
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
@@ -191,9 +217,14 @@ class App:
             raise OSError(f"cannot bind {cfg.server.host}:{cfg.server.port}")
         self.metrics.engine(engine)
         if cfg.server.metrics_port is not None:
-            self._metrics_endpoint = MetricsEndpoint(
-                self.metrics, cfg.server.host, cfg.server.metrics_port
+            # A worker's own endpoint is private, on a loopback port of its own: the
+            # parent serves OO_METRICS_PORT with every worker's series (app/workers.py).
+            host, port = (
+                (cfg.server.host, cfg.server.metrics_port)
+                if self.worker is None
+                else ("127.0.0.1", 0)
             )
+            self._metrics_endpoint = MetricsEndpoint(self.metrics, host, port)
             await self._metrics_endpoint.start()
         if self.ingest is not None:
             await self.ingest.start()
@@ -205,7 +236,13 @@ class App:
         mode = "plaintext"
         if cfg.server.tls:
             mode = "mTLS" if cfg.server.tls_client_ca_file is not None else "TLS"
-        log.info("oo-ml listening on %s:%d (%s)", cfg.server.host, self.port, mode)
+        log.info(
+            "oo-ml listening on %s:%d (%s)%s",
+            cfg.server.host,
+            self.port,
+            mode,
+            "" if self.worker is None else f", worker {self.worker} (pid {os.getpid()})",
+        )
         return self.port
 
     async def _run_upkeep(self) -> None:
@@ -260,6 +297,13 @@ class App:
         )
         opened.append(store)
         return store
+
+    def _apply_changes(self, changes: Sequence[Change]) -> None:
+        """What other processes wrote: cached models and profile features that are older go."""
+        assert self.engine is not None
+        self.engine.models.apply(changes)
+        if self.profiles is not None:
+            self.profiles.apply(changes)
 
     def _make_generator(self, tasks: TaskSource) -> Generator:
         check_config(self.config.llm)  # an unknown DEFAULT_PROMPT_VERSION fails at start
@@ -330,16 +374,24 @@ async def _await(w: Awaitable[object]) -> None:
     await w
 
 
-async def serve(config: Config) -> None:
-    """Run until SIGTERM or SIGINT (or until a supervised part fails), then stop."""
-    app = App(config)
+async def serve(config: Config, worker: int | None = None) -> None:
+    """Run until SIGTERM or SIGINT (or until a supervised part fails), then stop.
+
+    `worker`: this process is worker `worker` of `oo-ml serve --workers N`; it shares the
+    port, reports its metrics port to the parent, and stops when the parent is gone."""
+    app = App(config, worker=worker)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    orphaned: asyncio.Task[None] | None = None
+    if worker is not None:
+        orphaned = asyncio.create_task(_until_orphaned(stop))
     try:
         port = await app.start()
-        # One line on stdout that scripts and tests can wait for.
+        if worker is not None and app.metrics_port is not None:
+            print(f"oo-ml worker metrics on 127.0.0.1:{app.metrics_port}", flush=True)
+        # One line on stdout that scripts, tests and the workers' parent wait for.
         print(f"oo-ml listening on {config.server.host}:{port}", flush=True)
         signalled = asyncio.create_task(stop.wait())
         running = asyncio.create_task(app.wait())
@@ -356,7 +408,20 @@ async def serve(config: Config) -> None:
         await app.stop()
         await asyncio.gather(running, return_exceptions=True)
     finally:
+        if orphaned is not None:
+            orphaned.cancel()
         try:
             await app.stop()
         except Exception:
             log.exception("shutdown did not complete cleanly")
+
+
+async def _until_orphaned(stop: asyncio.Event, every_s: float = 1.0) -> None:
+    """Set `stop` when the parent is gone (killed with -9, say), so a worker never goes
+    on serving the port with nobody to stop it: the kernel re-parents an orphan."""
+    parent = os.getppid()
+    while not stop.is_set():
+        await asyncio.sleep(every_s)
+        if os.getppid() != parent:
+            log.error("the workers' parent (pid %d) is gone: stopping", parent)
+            stop.set()

@@ -1,4 +1,4 @@
-"""TLS of the gRPC port, the certificates reloaded without a restart, and the exposure check.
+"""TLS of the gRPC port, and the certificates reloaded without a restart.
 
     creds = server_credentials(config.server)   # None when TLS is off
     port = server.add_secure_port(address, creds)
@@ -11,13 +11,12 @@ matches the certificate, so a half-written rotation (the certificate copied, the
 yet) keeps the old pair in service and is logged; it is picked up once both are in place.
 Connections already open keep the certificate they were made with.
 
-`exposure_problem` is the protected mode of `oo-ml serve`: a non-loopback address needs
-TLS and a token, unless OO_INSECURE says otherwise.
+The protected mode (`exposure_problem`: a non-loopback address needs TLS and a token) is in
+`app/exposure.py`, which imports no grpc.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import os
 import ssl
@@ -147,33 +146,3 @@ def server_credentials(
         require_client_authentication=cfg.tls_client_ca_file is not None,
     )
     return creds, files
-
-
-def is_loopback(host: str) -> bool:
-    """127.0.0.0/8, ::1 (bracketed or not) and localhost; anything else may be reachable."""
-    h = host.strip().strip("[]").lower()
-    if h == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(h).is_loopback
-    except ValueError:
-        return False
-
-
-def exposure_problem(cfg: ServerConfig) -> str | None:
-    """Why serving on cfg.host would be unsafe, or None: a non-loopback address needs TLS
-    and OO_AUTH_TOKEN unless OO_INSECURE is set."""
-    if cfg.insecure or is_loopback(cfg.host):
-        return None
-    missing = []
-    if not cfg.tls:
-        missing.append("TLS (set OO_TLS_CERT_FILE and OO_TLS_KEY_FILE)")
-    if not cfg.auth_token:
-        missing.append("a token (set OO_AUTH_TOKEN)")
-    if not missing:
-        return None
-    return (
-        f"refusing to serve on {cfg.host!r}, which is not a loopback address, without "
-        + " and without ".join(missing)
-        + "; pass --insecure (or OO_INSECURE=1) to serve anyway"
-    )

@@ -162,8 +162,10 @@ class ScoringService(scoring_pb2_grpc.ScoringServiceServicer):
         generator: Generator,
         max_candidates: int,
         ingest_stats: Callable[[], Mapping[str, int]] = dict,
+        server_id: str = "",
     ) -> None:
         self.engine = engine
+        self.server_id = server_id
         self.generator = generator
         self.ingest_stats = ingest_stats
         self._limits = {_CANDIDATES: max_candidates}
@@ -213,6 +215,7 @@ class ScoringService(scoring_pb2_grpc.ScoringServiceServicer):
     ) -> scoring_pb2.StatsResponse:
         validate(request)
         response = stats_response(await self.engine.stats(request.user_id, request.policy))
+        response.server = self.server_id
         if not request.user_id:  # server-wide counters belong to the server-level answer
             response.ingest.update(self.ingest_stats())
         return response

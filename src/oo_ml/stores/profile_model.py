@@ -35,6 +35,7 @@ from oo_ml.domain.events import (
     TipViewed,
 )
 from oo_ml.domain.features import StoredValue, utc_offset_minutes
+from oo_ml.domain.ports import EVERY_USER, PROFILE, Change
 
 DAY_S = 86400
 WINDOW_DAYS = 30
@@ -343,6 +344,17 @@ class CachedFeatures:
             while len(self._cache) > self.cache_users:
                 self._cache.popitem(last=False)
         return stored
+
+    def apply(self, changes: Sequence[Change]) -> None:
+        """Profile writes other processes made (a change feed): drop the cached features
+        of the users the changes name, and every entry on EVERY_USER."""
+        users: set[str] = set()
+        for c in changes:
+            if c.user_id == EVERY_USER:
+                self._invalidate_all()
+            elif c.policy == PROFILE:
+                users.add(c.user_id)
+        self._invalidate(users)
 
     def _invalidate(self, users: Iterable[str]) -> None:
         now = time.monotonic()

@@ -555,6 +555,7 @@ class StatsResponse(_message.Message):
     USERS_FIELD_NUMBER: _builtins.int
     PENDING_FIELD_NUMBER: _builtins.int
     INGEST_FIELD_NUMBER: _builtins.int
+    SERVER_FIELD_NUMBER: _builtins.int
     user_id: _builtins.str
     """Both: the user asked about, or empty for the policy level."""
     policy: _builtins.str
@@ -568,6 +569,11 @@ class StatsResponse(_message.Message):
     """Policy level: users with decisions under the policy."""
     pending: _builtins.int
     """Both: decisions still waiting for a reward."""
+    server: _builtins.str
+    """Both: the server process that answered, as "<host>/<pid>". Workers of
+    `oo-ml serve --workers N` share one port and replicas one address, each with its own
+    process-wide figures (ingest, caches): this says whose they are.
+    """
     @_builtins.property
     def arms(self) -> _containers.RepeatedCompositeFieldContainer[Global___ArmStats]:
         """Both: per arm."""
@@ -609,10 +615,11 @@ class StatsResponse(_message.Message):
         users: _builtins.int = ...,
         pending: _builtins.int = ...,
         ingest: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        server: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["arms", b"arms", "decisions", b"decisions", "feature_version", b"feature_version", "features", b"features", "ingest", b"ingest", "mean_reward", b"mean_reward", "pending", b"pending", "policy", b"policy", "prompt_versions", b"prompt_versions", "reward_sum", b"reward_sum", "rewarded", b"rewarded", "shadows", b"shadows", "user_id", b"user_id", "users", b"users"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arms", b"arms", "decisions", b"decisions", "feature_version", b"feature_version", "features", b"features", "ingest", b"ingest", "mean_reward", b"mean_reward", "pending", b"pending", "policy", b"policy", "prompt_versions", b"prompt_versions", "reward_sum", b"reward_sum", "rewarded", b"rewarded", "server", b"server", "shadows", b"shadows", "user_id", b"user_id", "users", b"users"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

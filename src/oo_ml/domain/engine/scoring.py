@@ -110,6 +110,8 @@ class ScoringEngine:
         for name in (config.default_policy, *config.shadow_policies):
             self.policy(name)  # fail at start-up, not at the first request
         self.listeners: list[DecisionListener] = []
+        self.conflicts = 0
+        """Reward commits that lost a compare-and-set to another writer and were retried."""
         self.locks = KeyedLocks()
         self.models = Models(store, config)
         self.log = DecisionLog(
@@ -301,6 +303,7 @@ class ScoringEngine:
                     raise
                 except Conflict:
                     # Another writer moved a model (or rewarded the decision): read again.
+                    self.conflicts += 1
                     for w in states:
                         self.models.forget(w.user_id, w.policy)
                     await asyncio.sleep(random.uniform(0, pause))

@@ -104,6 +104,11 @@ class Upkeep:
         self.pruned_for_size = 0
         """Rewarded decisions forgotten early to keep the log under OO_DECISION_LOG_MAX_MB."""
 
+    def add_job(self, name: str, interval_s: float, job: Callable[[], Awaitable[object]]) -> None:
+        """One more job on this schedule (the store's own chores, such as pruning the
+        change sequence): its failures are retried, counted and shown like the others'."""
+        self._jobs[name] = (JobStatus(name, interval_s), job)
+
     def status(self) -> list[JobStatus]:
         return [status for status, _ in self._jobs.values()]
 

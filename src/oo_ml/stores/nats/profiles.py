@@ -477,16 +477,6 @@ class NatsProfileStore(CachedFeatures):
 
     # -- change feed ----------------------------------------------------------------------
 
-    def apply(self, changes: Sequence[Change]) -> None:
-        """Drop the cached features of the users the changes name (all on EVERY_USER)."""
-        users: set[str] = set()
-        for c in changes:
-            if c.user_id == EVERY_USER:
-                self._invalidate_all()
-            elif c.policy == PROFILE:
-                users.add(c.user_id)
-        self._invalidate(users)
-
     async def watch(self, stop: asyncio.Event) -> None:
         """Keep this store's feature cache fresh with every replica's writes until stop."""
         await self.follow(self.apply, stop)

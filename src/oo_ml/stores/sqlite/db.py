@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import queue
 import sqlite3
 import threading
@@ -50,6 +51,9 @@ class SqliteDB:
 
     def __init__(self, path: Path | str, migrations: Sequence[str] = ()) -> None:
         self.path = str(path)
+        # Who wrote a row of the change sequence (`changes`): processes sharing the file
+        # follow the others' writes and skip their own, which their caches already hold.
+        self.origin = int.from_bytes(os.urandom(7), "big")
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         self._queue: queue.Queue[_Op | None] = queue.Queue()
@@ -75,13 +79,28 @@ class SqliteDB:
 
     def _connect(self, migrations: list[str]) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        # First, so that processes opening the file at once wait for each other.
+        conn.execute("PRAGMA busy_timeout=5000")
         conn.execute("PRAGMA journal_mode=WAL")
         # FULL: the WAL is fsynced at every commit, which is what makes an answer durable.
         conn.execute("PRAGMA synchronous=FULL")
-        conn.execute("PRAGMA busy_timeout=5000")
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
-        for i, script in enumerate(migrations[version:], start=version):
-            conn.executescript(f"BEGIN; {script}; PRAGMA user_version={i + 1}; COMMIT;")
+        # Under the write lock, version read included: processes opening a new file at
+        # once (the workers of `oo-ml serve --workers N`) migrate it one after the other,
+        # and the later ones find it done. Statement by statement, as executescript()
+        # would commit first. (No migration has a ';' inside a literal.)
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            for script in migrations[version:]:
+                for statement in script.split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+            if version < len(migrations):
+                conn.execute(f"PRAGMA user_version={len(migrations)}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
         return conn
 
     def _main(self, migrations: list[str]) -> None:

@@ -32,6 +32,7 @@ from typing import TypeVar
 from oo_ml.domain.contracts import Contracts
 from oo_ml.domain.events import Event
 from oo_ml.domain.features import StoredValue, TaskView
+from oo_ml.domain.ports import PROFILE
 from oo_ml.stores.profile_model import (
     DAY_S,
     TOTALS,
@@ -45,6 +46,7 @@ from oo_ml.stores.profile_model import (
     task_ttl,
     valid_until,
 )
+from oo_ml.stores.sqlite import changes
 from oo_ml.stores.sqlite.db import SqliteDB
 from oo_ml.stores.sqlite.profile_writes import applied_among, plan_batch, record_events
 
@@ -125,6 +127,9 @@ _MIGRATIONS: list[str] = [
         PRIMARY KEY (user_id, provider)
     ) WITHOUT ROWID;
     """,
+    # The change sequence (ADR 0020): each batch notes the users whose profile it changed,
+    # so the other processes on this file drop their cached features.
+    changes.SCHEMA,
 ]
 
 
@@ -260,8 +265,17 @@ class SqliteProfileStore(CachedFeatures):
         """`record_events` in one durable transaction."""
         await self.ensure_schema()
         plan = plan_batch(events, now)
+        origin = self.db.origin
+
+        def tx(conn: sqlite3.Connection) -> list[bool]:
+            fresh = record_events(conn, events, now, plan)
+            # One change per user whose rows moved, in the same transaction (ADR 0020).
+            users = sorted({e.user_id for e, f in zip(events, fresh, strict=True) if f})
+            changes.note_each(conn, origin, ((u, PROFILE) for u in users))
+            return fresh
+
         try:
-            return await self.db.run(lambda conn: record_events(conn, events, now, plan))
+            return await self.db.run(tx)
         finally:
             # Even a failed commit may have been applied (a lost answer): forget, re-read.
             self._invalidate({e.user_id for e in events})

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from oo_ml.domain.decisions import RewardState
 from oo_ml.domain.ports import (
+    EVERY_POLICY,
     AddOffPolicy,
     ArmTotals,
     AttachShadows,
@@ -42,6 +43,7 @@ from oo_ml.stores.codec import (
     encode_shadow_views,
     encode_state,
 )
+from oo_ml.stores.sqlite import changes
 from oo_ml.stores.sqlite.db import SqliteDB
 
 log = logging.getLogger(__name__)
@@ -143,10 +145,15 @@ MIGRATIONS: list[str] = [
     ALTER TABLE off_policy ADD COLUMN weight_sq_reward_sum REAL NOT NULL DEFAULT 0;
     ALTER TABLE off_policy ADD COLUMN weight_sq_reward_sq_sum REAL NOT NULL DEFAULT 0;
     """,
+    # Issue 11: the change sequence every write of learned state bumps, which the
+    # processes sharing this file follow to keep their caches fresh (ADR 0020).
+    changes.SCHEMA,
 ]
 
 
-def _apply(conn: sqlite3.Connection, w: Write, revisions: dict[tuple[str, str], int]) -> None:
+def _apply(
+    conn: sqlite3.Connection, w: Write, revisions: dict[tuple[str, str], int], origin: int
+) -> None:
     match w:
         case PutState(user_id, policy, revision, state):
             data = encode_state(state)
@@ -167,6 +174,7 @@ def _apply(conn: sqlite3.Connection, w: Write, revisions: dict[tuple[str, str], 
                     f"state of {user_id!r} under {policy!r} moved past revision {revision}"
                 )
             revisions[(user_id, policy)] = revision + 1
+            changes.note(conn, origin, user_id, policy, revision + 1)
         case InsertDecision(r):
             conn.execute(
                 "INSERT INTO decisions (decision_id, user_id, policy, created_at, chosen_arm,"
@@ -298,10 +306,12 @@ class SqliteStore:
         return revs[(user_id, policy)]
 
     async def commit(self, writes: Sequence[Write]) -> dict[tuple[str, str], int]:
+        origin = self.db.origin
+
         def tx(conn: sqlite3.Connection) -> dict[tuple[str, str], int]:
             revisions: dict[tuple[str, str], int] = {}
             for w in writes:
-                _apply(conn, w, revisions)
+                _apply(conn, w, revisions, origin)
             return revisions
 
         return await self.db.run(tx)
@@ -346,6 +356,8 @@ class SqliteStore:
         return await self.db.read(q)
 
     async def reset_user(self, user_id: str) -> tuple[int, int]:
+        origin = self.db.origin
+
         def tx(conn: sqlite3.Connection) -> tuple[int, int]:
             states = conn.execute("DELETE FROM state WHERE user_id = ?", (user_id,)).rowcount
             conn.execute("DELETE FROM pulls WHERE user_id = ?", (user_id,))
@@ -357,6 +369,7 @@ class SqliteStore:
             pending = conn.execute(
                 "DELETE FROM decisions WHERE user_id = ? AND reward IS NULL", (user_id,)
             ).rowcount
+            changes.note(conn, origin, user_id, EVERY_POLICY, 0)
             return states, pending
 
         return await self.db.run(tx)

@@ -1,0 +1,115 @@
+"""The SQLite change sequence: two stores on one file, as two processes would have them."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+
+import pytest
+
+from oo_ml.domain.events import Event, TipViewed
+from oo_ml.domain.ports import EVERY_POLICY, EVERY_USER, PROFILE, Change, PutState
+from oo_ml.domain.state import empty_state
+from oo_ml.schema.contracts import ALL_FEATURES
+from oo_ml.stores.sqlite.changes import SqliteChangeFeed
+from oo_ml.stores.sqlite.profiles import SqliteProfileStore
+from oo_ml.stores.sqlite.scoring import SqliteStore
+from tests.helpers import assert_eventually
+
+STATE = empty_state("egreedy", "v1", 7, 1.0)
+
+
+@pytest.fixture
+async def two(tmp_path: Path) -> AsyncIterator[tuple[SqliteStore, SqliteStore]]:
+    a, b = SqliteStore.open(tmp_path / "x.db"), SqliteStore.open(tmp_path / "x.db")
+    yield a, b
+    await a.close()
+    await b.close()
+
+
+class Follower:
+    def __init__(self, feed: SqliteChangeFeed, catch_up: bool = True) -> None:
+        self.feed = feed
+        self.catch_up = catch_up
+        self.seen: list[Change] = []
+        self.stop = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+
+    def apply(self, changes: Sequence[Change]) -> None:
+        self.seen.extend(changes)
+
+    async def __aenter__(self) -> Follower:
+        if self.catch_up:
+            await self.feed.catch_up()
+        self.task = asyncio.create_task(self.feed.follow(self.apply, self.stop))
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.stop.set()
+        assert self.task is not None
+        await self.task
+
+
+async def test_the_other_stores_writes_arrive_and_our_own_do_not(
+    two: tuple[SqliteStore, SqliteStore],
+) -> None:
+    a, b = two
+    async with Follower(SqliteChangeFeed(b.db)) as follower:
+        await b.commit([PutState("mine", "egreedy", 0, STATE)])  # b's own: not reported
+        await a.commit([PutState("ann", "egreedy", 0, STATE)])
+        await a.commit([PutState("ann", "egreedy", 1, STATE)])
+        await a.reset_user("bob")
+        profiles = SqliteProfileStore(a.db, 86400.0 * 7, ALL_FEATURES)
+        view = Event("e1", "cat", time.time(), "tip_viewed", TipViewed("", "t", 900))
+        assert await profiles.record([view, view], time.time()) == [True, False]
+
+        async def all_arrived() -> None:
+            assert follower.seen == [
+                Change("ann", "egreedy", 1),
+                Change("ann", "egreedy", 2),
+                Change("bob", EVERY_POLICY, 0),
+                Change("cat", PROFILE, 0),
+            ]
+
+        await assert_eventually(all_arrived, within=5)
+
+
+async def test_a_follower_behind_the_prune_drops_everything(
+    two: tuple[SqliteStore, SqliteStore],
+) -> None:
+    a, b = two
+    behind = SqliteChangeFeed(b.db)
+    await behind.catch_up()  # then frozen: it reads nothing while a writes and prunes
+    await a.commit([PutState("ann", "egreedy", 0, STATE)])
+    pruner = SqliteChangeFeed(a.db, retention_s=0.0)
+    assert await pruner.prune() == 1
+    async with Follower(behind, catch_up=False) as follower:
+
+        async def lost_track() -> None:
+            assert follower.seen == [Change(EVERY_USER, EVERY_POLICY, 0)]
+
+        await assert_eventually(lost_track, within=5)
+        assert behind.lost_track == 1
+        # and from there on, it follows as before
+        await a.commit([PutState("ann", "egreedy", 1, STATE)])
+
+        async def caught_up() -> None:
+            assert follower.seen[1:] == [Change("ann", "egreedy", 2)]
+
+        await assert_eventually(caught_up, within=5)
+
+
+async def test_seq_numbers_are_never_reused_after_a_prune(
+    two: tuple[SqliteStore, SqliteStore],
+) -> None:
+    a, _ = two
+    feed = SqliteChangeFeed(a.db, retention_s=0.0)
+    await a.commit([PutState("ann", "egreedy", 0, STATE)])
+    await feed.prune()
+    await feed.catch_up()
+    first = feed.last
+    await a.commit([PutState("bob", "egreedy", 0, STATE)])
+    await feed.catch_up()
+    assert feed.last == first + 1 == 2
