@@ -260,10 +260,13 @@ PRIOR_WEIGHT = 1000.0
 PRIOR_WEIGHT_BIAS = 20.0
 
 # Relevance determination of the pooled regression (MacKay's evidence updates): at most
-# this many rounds, each coefficient's prior precision kept within these bounds (in units
-# of 1 / reward variance); the bias is never shrunk.
+# _ARD_ROUNDS rounds; each coefficient's prior precision (1 / its prior variance) kept in
+# [_ARD_MIN, _ARD_MAX]. The lower bound says a coefficient's prior sd is at most 1 (features
+# are mostly in [0, 1] and rewards in [0, 1]): without it, a fit of a few hundred rewards
+# with nearly collinear features could give coefficients of ~10 and users a wild prior.
+# The bias is never shrunk.
 _ARD_ROUNDS = 30
-_ARD_MIN, _ARD_MAX = 1e-4, 1e8
+_ARD_MIN, _ARD_MAX = 1.0, 1e8
 _ARD_BIAS = 1e-3
 
 
@@ -274,7 +277,7 @@ def _relevance_fit(xx: Matrix, xr: Vector, noise_var: float) -> Vector:
     not support are shrunk to 0 instead of fitted to noise, which is what a population
     prior built from little data needs. Returns the posterior mean."""
     dim = xr.shape[0]
-    alpha = np.ones(dim)
+    alpha = np.full(dim, _ARD_MIN)
     alpha[0] = _ARD_BIAS
     for _ in range(_ARD_ROUNDS):
         a_inv = np.linalg.inv(xx + noise_var * np.diag(alpha))
@@ -346,7 +349,7 @@ def population_prior(
         # can put p outside [0, 1], hence the bounds.
         p = (total + 1.0) / (n + 2.0)
         noise_var = float(np.clip(p * (1.0 - p), 0.01, 0.25))
-        theta = _relevance_fit(xx + ridge_lambda * 1e-6 * np.eye(dim), xr, noise_var)
+        theta = _relevance_fit(xx, xr, noise_var)
         arms[arm] = ArmModel.fresh(dim, ridge_lambda, theta, strength(n))
     return PolicyState(
         policy=policy,
