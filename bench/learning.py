@@ -61,12 +61,19 @@ DEFAULT = (
 
 
 EVENING_SHARE = 0.5  # set by --evening-share, before any world is made
+PRIOR_EVERY = SimulationConfig().prior_every  # set by --prior-every (oo-ml's rows only)
 
 
 @cache
 def world_for(users: int, rounds: int, seed: int) -> World:
     return make_world(
-        SimulationConfig(users=users, rounds=rounds, seed=seed, evening_share=EVENING_SHARE)
+        SimulationConfig(
+            users=users,
+            rounds=rounds,
+            seed=seed,
+            evening_share=EVENING_SHARE,
+            prior_every=PRIOR_EVERY,
+        )
     )
 
 
@@ -319,11 +326,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument(
         "--evening-share", type=float, default=0.5, help="share of evening users (personas)"
     )
+    ap.add_argument(
+        "--prior-every",
+        type=int,
+        default=SimulationConfig().prior_every,
+        help="rounds between refreshes of oo-ml's population priors (the world is unchanged)",
+    )
     ap.add_argument("--contenders", default=",".join(DEFAULT))
     ns = ap.parse_args(argv)
     specs = [s for s in ns.contenders.split(",") if s]
-    global EVENING_SHARE  # noqa: PLW0603 - read by world_for in the worker processes (fork)
+    global EVENING_SHARE, PRIOR_EVERY  # noqa: PLW0603 - read by world_for in the workers (fork)
     EVENING_SHARE = ns.evening_share
+    PRIOR_EVERY = ns.prior_every
     seeds = list(range(ns.first_seed, ns.first_seed + ns.seeds))
     tasks = [(s, ns.users, ns.rounds, k) for k in seeds for s in specs]
     results: dict[tuple[str, int], FloatArray] = {}

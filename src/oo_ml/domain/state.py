@@ -252,10 +252,44 @@ def empty_state(policy: str, feature_version: str, dim: int, ridge_lambda: float
 # The most a population prior can weigh on each coefficient, in ridge-precision units
 # (roughly observations): the shared-plus-per-user trade-off. The first dimension is the
 # bias of every feature version; users differ most in their intercepts (their taste for an
-# arm), so the prior holds the intercept loosely and the slopes firmly. See
-# docs/learning.md for how these were chosen.
+# arm), so the prior holds the intercept loosely and the slopes firmly. PRIOR_WEIGHT_BIAS
+# is also the precision of a user's own intercept when the prior is pooled (the random
+# effect `population_prior` integrates out). See docs/learning.md for how these were
+# chosen.
 PRIOR_WEIGHT = 1000.0
-PRIOR_WEIGHT_BIAS = 10.0
+PRIOR_WEIGHT_BIAS = 20.0
+
+# Relevance determination of the pooled regression (MacKay's evidence updates): at most
+# _ARD_ROUNDS rounds; each coefficient's prior precision (1 / its prior variance) kept in
+# [_ARD_MIN, _ARD_MAX]. The lower bound says a coefficient's prior sd is at most 1 (features
+# are mostly in [0, 1] and rewards in [0, 1]): without it, a fit of a few hundred rewards
+# with nearly collinear features could give coefficients of ~10 and users a wild prior.
+# The bias is never shrunk.
+_ARD_ROUNDS = 30
+_ARD_MIN, _ARD_MAX = 1.0, 1e8
+_ARD_BIAS = 1e-3
+
+
+def _relevance_fit(xx: Matrix, xr: Vector, noise_var: float) -> Vector:
+    """Bayesian ridge with one prior precision per coefficient, each set by maximising the
+    evidence (automatic relevance determination; MacKay's fixed point
+    alpha_j = gamma_j / mu_j^2, gamma_j = 1 - alpha_j Sigma_jj). Coefficients the data do
+    not support are shrunk to 0 instead of fitted to noise, which is what a population
+    prior built from little data needs. Returns the posterior mean."""
+    dim = xr.shape[0]
+    alpha = np.full(dim, _ARD_MIN)
+    alpha[0] = _ARD_BIAS
+    for _ in range(_ARD_ROUNDS):
+        a_inv = np.linalg.inv(xx + noise_var * np.diag(alpha))
+        mu = a_inv @ xr
+        gamma = 1.0 - alpha * noise_var * np.diag(a_inv)
+        new = np.clip(gamma / np.maximum(mu * mu, 1e-300), _ARD_MIN, _ARD_MAX)
+        new[0] = _ARD_BIAS
+        done = bool(np.all(np.abs(np.log(new / alpha)) < 1e-3))
+        alpha = new
+        if done:
+            break
+    return np.asarray(np.linalg.solve(xx + noise_var * np.diag(alpha), xr), dtype=np.float64)
 
 
 def population_prior(
@@ -267,10 +301,18 @@ def population_prior(
     *,
     max_weight: float | None = None,
 ) -> PolicyState | None:
-    """The population prior of a policy: per arm, the ridge regression of everyone's data
-    pooled (each user's X'X and X'r without the prior it was learned under). None when no
-    arm has learned anything. Its arms start new users at A = C, b = C theta (see
-    `ArmModel.fresh`), C = diag(lambda + w), w = 1 / (1/max_weight + 1/n) with n the
+    """The population prior of a policy: per arm, a regression of everyone's data pooled
+    (each user's X'X and X'r without the prior it was learned under), with
+
+    - each user's own intercept integrated out (a random effect of precision
+      PRIOR_WEIGHT_BIAS, the same weight the prior's intercept gets in a user's model):
+      the slopes are learned from how rewards vary within users and between users' facts,
+      not from users' tastes, and a user who pulls an arm often does not dominate its mean;
+    - one prior precision per coefficient set by the evidence (`_relevance_fit`), so that
+      coefficients the pooled data do not support are 0 rather than noise.
+
+    None when no arm has learned anything. Its arms start new users at A = C, b = C theta
+    (see `ArmModel.fresh`), C = diag(lambda + w), w = 1 / (1/max_weight + 1/n) with n the
     rewards pooled: a prior made of little evidence weighs little, one made of much weighs
     up to max_weight (PRIOR_WEIGHT_BIAS for the bias, PRIOR_WEIGHT for the rest); existing
     users move onto it in `PolicyState.with_arms`."""
@@ -282,7 +324,8 @@ def population_prior(
         w[0] = 1.0 / (1.0 / cap_bias + 1.0 / n) if cap_bias else 0.0
         return w
 
-    pooled: dict[str, tuple[Matrix, Vector, float]] = {}
+    # Per arm: the pooled X'X and X'r (users' intercepts integrated out), rewards, their sum.
+    pooled: dict[str, tuple[Matrix, Vector, float, float]] = {}
     for state in states:
         if state.dim != dim:
             continue
@@ -290,18 +333,28 @@ def population_prior(
             if model.rewarded == 0:
                 continue
             xx, xr = model.own(state.ridge_lambda)
-            a, b, n = pooled.get(arm, (ridge_lambda * np.eye(dim), np.zeros(dim), 0.0))
-            pooled[arm] = (a + xx, b + xr, n + model.rewarded)
+            # Integrate out the user's intercept delta ~ N(0, 1/PRIOR_WEIGHT_BIAS) (x[0] = 1,
+            # so X'1 is xx[:, 0] and n = xx[0, 0]): a Schur complement, exact for ridge.
+            col = xx[:, 0].copy()
+            k = xx[0, 0] + PRIOR_WEIGHT_BIAS
+            xx = xx - np.outer(col, col) / k
+            xr = xr - col * (xr[0] / k)
+            a, b, n, total = pooled.get(arm, (np.zeros((dim, dim)), np.zeros(dim), 0.0, 0.0))
+            pooled[arm] = (a + xx, b + xr, n + model.rewarded, total + model.reward_sum)
     if not pooled:
         return None
-    sums = {arm: (np.linalg.solve(a, b) * n, n) for arm, (a, b, n) in pooled.items()}
+    arms = {}
+    for arm, (xx, xr, n, total) in pooled.items():
+        # The reward noise of 0/1 rewards, p(1 - p), Beta(1, 1)-smoothed; rewards in [-1, 1]
+        # can put p outside [0, 1], hence the bounds.
+        p = (total + 1.0) / (n + 2.0)
+        noise_var = float(np.clip(p * (1.0 - p), 0.01, 0.25))
+        theta = _relevance_fit(xx, xr, noise_var)
+        arms[arm] = ArmModel.fresh(dim, ridge_lambda, theta, strength(n))
     return PolicyState(
         policy=policy,
         feature_version=feature_version,
         dim=dim,
         ridge_lambda=ridge_lambda,
-        arms={
-            a: ArmModel.fresh(dim, ridge_lambda, total / w, strength(w))
-            for a, (total, w) in sums.items()
-        },
+        arms=arms,
     )

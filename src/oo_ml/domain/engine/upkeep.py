@@ -183,9 +183,10 @@ class Upkeep:
         return pruned
 
     async def refresh_priors(self) -> None:
-        """Recompute each policy's population prior: per arm, the mean of the users' theta
-        weighted by how many rewards each user's arm has learned from. The store decodes on
-        its reader thread and the sums run on a worker thread, so Score keeps answering."""
+        """Recompute each policy's population prior (`state.population_prior`: per arm, a
+        regression of the sampled users' own data pooled, their intercepts integrated out,
+        each coefficient's precision set by the evidence; ADR 0021). The store decodes on
+        its reader thread and the fit runs on a worker thread, so Score keeps answering."""
         for policy in self.policies.values():
             states = await self.store.policy_states(policy.name, _PRIOR_SAMPLE)
             if states:
