@@ -139,7 +139,8 @@ class ServerConfig:
         1000.0,
         "OO_DECISION_JOIN_WAIT_MS",
         "With several workers or replicas, how long a Reward waits for a decision made"
-        " elsewhere in the last moments and not yet flushed, before NOT_FOUND.",
+        " elsewhere in the last moments and not yet flushed; still missing, a decision under"
+        " 30 s old is UNAVAILABLE (retry), an older one NOT_FOUND.",
     )
 
     @property
