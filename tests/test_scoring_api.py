@@ -310,9 +310,25 @@ async def test_300_concurrent_rewards_on_one_user_are_all_counted(server: Runnin
 
 
 async def test_expired_deadline_is_deadline_exceeded(server: Running) -> None:
-    with pytest.raises(grpc.aio.AioRpcError) as info:
-        await server.stub.Score(score_request(), timeout=0.000001)
-    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    """A call whose deadline has passed when the server reaches it is refused with
+    DEADLINE_EXCEEDED (counted by the server), and the server goes on serving.
+
+    grpc-core keeps deadlines in whole milliseconds, so a 1 µs timeout is really up to
+    1 ms, and a warm Score can answer inside it: the call is repeated until the server
+    has refused one (measured: about a quarter of such calls reach it expired)."""
+    labels = (("method", "Score"), ("code", "DEADLINE_EXCEEDED"))
+    codes: set[grpc.StatusCode] = set()
+    for _ in range(2000):
+        try:
+            await server.stub.Score(score_request(), timeout=0.000001)
+            codes.add(grpc.StatusCode.OK)
+        except grpc.aio.AioRpcError as e:
+            codes.add(e.code())
+        if server.app.metrics.value("oo_rpc_total", labels):
+            break
+    assert server.app.metrics.value("oo_rpc_total", labels) >= 1
+    assert grpc.StatusCode.DEADLINE_EXCEEDED in codes
+    assert codes <= {grpc.StatusCode.OK, grpc.StatusCode.DEADLINE_EXCEEDED}
     assert (await server.stub.Score(score_request(), timeout=10)).decision_id
 
 
