@@ -210,6 +210,27 @@ class Replica:
         self._release()
 
 
+async def start_replicas(
+    oo_ml: str, topology: Topology, root: Path, n: int, **settings: str
+) -> list[Replica]:
+    """n replicas started at once (r0, r1, ... under root); if one fails to start, the
+    others are stopped before the error is raised, so no process or file outlives it."""
+    started = await asyncio.gather(
+        *(
+            Replica.start(oo_ml, root / f"r{i}", replica_env(topology, root / f"r{i}", **settings))
+            for i in range(n)
+        ),
+        return_exceptions=True,
+    )
+    failed = [r for r in started if isinstance(r, BaseException)]
+    if failed:
+        for r in started:
+            if isinstance(r, Replica):
+                await r.close()
+        raise failed[0]
+    return [r for r in started if isinstance(r, Replica)]
+
+
 def replica_env(topology: Topology, data_dir: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("OO_")}
     env.update(

@@ -29,8 +29,9 @@ import nats
 from oo.scoring.v1 import scoring_pb2 as pb
 from oo_ml.domain.rng import decision_time
 from oo_ml.stores.nats.scoring import NatsStore
+from tests import natscluster
 from tests.conftest import oo_ml_bin
-from tests.natscluster import Replica, Topology, replica_env, single_node, three_nodes
+from tests.natscluster import Replica, Topology, single_node, three_nodes
 
 POLICY = "egreedy-v2"
 GREEDY = {"OO_POLICY": POLICY, "OO_EPSILON": "0", "OO_MIN_EXPLORATION": "0"}
@@ -76,16 +77,7 @@ class Run:
 
 async def start_replicas(topology: Topology, root: Path, n: int) -> list[Replica]:
     env = {**GREEDY, "OO_DECISION_FLUSH_MS": str(FLUSH_MS)}
-    return list(
-        await asyncio.gather(
-            *(
-                Replica.start(
-                    oo_ml_bin(), root / f"r{i}", replica_env(topology, root / f"r{i}", **env)
-                )
-                for i in range(n)
-            )
-        )
-    )
+    return await natscluster.start_replicas(oo_ml_bin(), topology, root, n, **env)
 
 
 def outcome(err: grpc.aio.AioRpcError) -> str:
@@ -364,3 +356,27 @@ async def test_one_node_of_three_stopped_under_traffic(tmp_path: Path) -> None:
             assert run.scores["fault_answered"] > 0
         finally:
             await close_all(run)
+
+
+async def test_a_replica_started_before_the_cluster_has_quorum_waits_for_it(
+    tmp_path: Path,
+) -> None:
+    """Two of three nodes down when a replica starts: JetStream cannot create an R3 bucket
+    (no meta leader), so the store's set-up retries until the nodes are back instead of
+    failing the start. Not in the fault table: nothing is served meanwhile."""
+    async with three_nodes(tmp_path / "nats") as topology:
+        for node in topology.nodes[1:]:
+            await asyncio.to_thread(node.stop)
+        nc = await nats.connect(topology.nodes[0].url)
+        try:
+            opening = asyncio.create_task(NatsStore.open(nc, replicas=3))
+            await asyncio.sleep(3.0)
+            assert not opening.done(), "the store opened without a quorum"
+            for node in topology.nodes[1:]:
+                node.start()
+            store = await asyncio.wait_for(opening, 60)
+            assert await store.get("nobody", "egreedy-v2") is None
+            info = await store.js.stream_info("OO_DECISIONS")
+            assert info.config.num_replicas == 3
+        finally:
+            await nc.close()

@@ -13,9 +13,10 @@ import nats
 import pytest
 
 from oo.scoring.v1 import scoring_pb2 as pb
+from tests import natscluster
 from tests.conftest import oo_ml_bin
 from tests.helpers import assert_eventually
-from tests.natscluster import Replica, Topology, replica_env, single_node, three_nodes
+from tests.natscluster import Replica, Topology, single_node, three_nodes
 from tests.natsfix import feedback, viewed
 
 # Greedy on its model, no exploration: a Score's scores are the model's, so a replica's
@@ -32,17 +33,7 @@ async def topology(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncItera
 
 
 async def start_replicas(topology: Topology, root: Path, n: int, **env: str) -> list[Replica]:
-    settings = {**GREEDY, **env}
-    return list(
-        await asyncio.gather(
-            *(
-                Replica.start(
-                    oo_ml_bin(), root / f"r{i}", replica_env(topology, root / f"r{i}", **settings)
-                )
-                for i in range(n)
-            )
-        )
-    )
+    return await natscluster.start_replicas(oo_ml_bin(), topology, root, n, **GREEDY, **env)
 
 
 def scores(resp: pb.ScoreResponse) -> dict[str, float]:

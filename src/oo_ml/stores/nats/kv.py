@@ -20,8 +20,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 import random
 import re
+import time
 from collections.abc import Awaitable, Callable, Collection
 from typing import TypeVar
 
@@ -36,6 +38,7 @@ from nats.js.kv import KeyValue
 from oo_ml.errors import Conflict
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 _PLAIN = re.compile(r"[A-Za-z0-9_-]{1,100}")
 _KV_OP = "KV-Operation"
@@ -64,6 +67,39 @@ def untoken(tok: str) -> str:
     raise ValueError(f"not a key token: {tok!r}")
 
 
+# How long start-up keeps asking JetStream to create or find a bucket or stream.
+SETUP_WITHIN_S = 60.0
+# What a JetStream API call answers while the cluster cannot yet: no meta leader elected,
+# JetStream not enabled yet on the node we reached, or a reply slower than the timeout
+# (creating a replicated asset on a loaded cluster can take seconds).
+_NOT_READY = (
+    nats.errors.TimeoutError,
+    asyncio.TimeoutError,
+    nats.errors.NoRespondersError,
+    nats.js.errors.ServiceUnavailableError,
+)
+
+
+async def settled(
+    step: Callable[[], Awaitable[T]], what: str, within_s: float = SETUP_WITHIN_S
+) -> T:
+    """`step()`, repeated while JetStream is not ready, for up to `within_s`.
+
+    Only for idempotent set-up (find-or-create): a timed-out create may have happened,
+    and the next attempt finds it. Pauses double from 0.25 s to 4 s."""
+    deadline = time.monotonic() + within_s
+    pause = 0.25
+    while True:
+        try:
+            return await step()
+        except _NOT_READY as e:
+            if time.monotonic() + pause > deadline:
+                raise
+            log.warning("%s: JetStream not ready (%r); retrying in %.2f s", what, e, pause)
+        await asyncio.sleep(pause)
+        pause = min(pause * 2, 4.0)
+
+
 async def ensure_bucket(
     js: JetStreamContext,
     name: str,
@@ -72,7 +108,17 @@ async def ensure_bucket(
     ttl_s: float | None = None,
     history: int = 1,
 ) -> KeyValue:
-    """The bucket, created if it does not exist (on file storage, `replicas` copies)."""
+    """The bucket, created if it does not exist (on file storage, `replicas` copies);
+    retried while JetStream is not ready (`settled`)."""
+    return await settled(
+        lambda: _ensure_bucket(js, name, replicas=replicas, ttl_s=ttl_s, history=history),
+        f"bucket {name}",
+    )
+
+
+async def _ensure_bucket(
+    js: JetStreamContext, name: str, *, replicas: int, ttl_s: float | None, history: int
+) -> KeyValue:
     try:
         return await js.key_value(name)
     except nats.js.errors.BucketNotFoundError:

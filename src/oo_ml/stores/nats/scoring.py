@@ -885,6 +885,12 @@ def _subject_safe(decision_id: str) -> bool:
 
 
 async def _ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
+    """The stream, created if it does not exist; retried while JetStream is not ready."""
+    assert config.name is not None
+    await kvs.settled(lambda: _find_or_add_stream(js, config), f"stream {config.name}")
+
+
+async def _find_or_add_stream(js: JetStreamContext, config: StreamConfig) -> None:
     assert config.name is not None
     try:
         await js.stream_info(config.name)
