@@ -5,6 +5,9 @@ suite of issue 11."""
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any
+
 import numpy as np
 import pytest
 
@@ -13,6 +16,7 @@ from oo_ml.config import IngestConfig
 from oo_ml.domain.decisions import DecisionRecord, LoggedCandidate
 from oo_ml.domain.engine import RewardResult
 from oo_ml.domain.features import Inputs, Origin, assemble
+from oo_ml.domain.ports import PROFILE, Change
 from oo_ml.errors import NotFound
 from oo_ml.ingest.counters import IngestCounters
 from oo_ml.ingest.decode import (
@@ -29,6 +33,7 @@ from oo_ml.ingest.publisher import ServePublisher, served_envelope
 from oo_ml.ingest.streams import backoff_schedule, subject_covers
 from oo_ml.schema.contracts import ALL_FEATURES
 from oo_ml.stores.profile_model import DAY_S
+from oo_ml.stores.sqlite.profiles import SqliteProfileStore
 from tests.conftest import Profiles, ProfileStores
 from tests.natsfix import (
     COMPLETED,
@@ -414,3 +419,55 @@ async def test_cached_features_equal_the_store_and_ingest_refreshes_them(
     fresh = await profiles.stored_features("u1", NOW + 2)
     assert fresh["mean_dwell_ms_30d"].value == 2000
     assert fresh == await uncached.stored_features("u1", NOW + 2)
+
+
+async def test_a_batch_refreshes_the_cached_features_of_hot_users_in_place(
+    profiles: Profiles, profile_stores: ProfileStores
+) -> None:
+    """SQLite reads a hot user's features again in the batch's own transaction, so the
+    next Score finds them in memory (every TipServed oo-ml publishes comes back through
+    ingest: dropping the entry would send each user's next Score to the store). A user
+    not in memory is not read by the batch."""
+    if profile_stores.kind != "sqlite":
+        pytest.skip("the NATS profile store drops its users' entries on its own writes")
+    uncached = await profile_stores.make(WEEK, cache_s=0)
+    a = applier(profiles, Rewards(set()))
+    await a.apply([ev(viewed("v1", 1000, at=NOW - 60))])
+    await profiles.stored_features("u1", NOW)  # u1 is hot now
+    misses = profiles.cache_misses
+    await a.apply(
+        [ev(viewed("v2", 3000, at=NOW - 30)), ev(viewed("w1", 500, user_id="u2", at=NOW - 30))]
+    )
+    assert profiles.cached_users() == ["u1"]  # u2 was not read for nothing
+    fresh = await profiles.stored_features("u1", NOW + 2)
+    assert profiles.cache_misses == misses  # from memory, and current:
+    assert fresh["mean_dwell_ms_30d"].value == 2000
+    assert fresh == await uncached.stored_features("u1", NOW + 2)
+
+
+async def test_a_refresh_yields_to_a_newer_write_reported_meanwhile(
+    profiles: Profiles, profile_stores: ProfileStores
+) -> None:
+    """A change another process made while our batch was being written may be newer
+    than what our batch read: the entry is dropped, not replaced, and the next read
+    goes to the store."""
+    if profile_stores.kind != "sqlite":
+        pytest.skip("the NATS profile store drops its users' entries on its own writes")
+    assert isinstance(profiles, SqliteProfileStore)
+    await profiles.stored_features("u1", NOW)
+    reported = asyncio.Event()
+    run = profiles.db.run
+
+    async def run_then_report(fn: Any) -> Any:
+        out = await run(fn)
+        profiles.apply([Change("u1", PROFILE, 0)])  # the feed, between our commit and its answer
+        reported.set()
+        return out
+
+    profiles.db.run = run_then_report  # type: ignore[method-assign]
+    await applier(profiles, Rewards(set())).apply([ev(viewed("v1", 1000, at=NOW - 60))])
+    assert reported.is_set()
+    assert profiles.cached_users() == []
+    misses = profiles.cache_misses
+    assert (await profiles.stored_features("u1", NOW + 1))["mean_dwell_ms_30d"].value == 1000
+    assert profiles.cache_misses == misses + 1

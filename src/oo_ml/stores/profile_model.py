@@ -366,6 +366,42 @@ class CachedFeatures:
             cutoff = now - 60.0
             self._invalidated_at = {u: t for u, t in self._invalidated_at.items() if t > cutoff}
 
+    def hot_users(self, users: Iterable[str]) -> set[str]:
+        """Those of `users` whose features are in memory now (Score reads them): the
+        ones a write refreshes in place rather than drops (`_replace`)."""
+        return {u for u in users if u in self._cache}
+
+    def _replace(
+        self,
+        users: Iterable[str],
+        fresh: Mapping[str, tuple[dict[str, StoredValue], float]],
+        started: float,
+    ) -> None:
+        """This process's write of `users`, begun at `started` (time.monotonic()), has
+        committed; `fresh` holds what some of them read in the write's own transaction
+        (user -> features, valid until). Those are cached at once, so Score does not go
+        back to the store after every event of a hot user; the others are dropped.
+
+        Reads under way started before the write: they still do not cache (the mark is
+        set first). And a user invalidated while the write was under way (another
+        process's write, reported by the change feed, may be newer than ours) is only
+        dropped."""
+        raced = {
+            u
+            for u in fresh
+            if self._invalidated_at.get(u, float("-inf")) >= started or self._cleared_at >= started
+        }
+        self._invalidate(users)
+        if self.cache_s <= 0:
+            return
+        read_at = time.monotonic()
+        for u, (stored, until) in fresh.items():
+            if u not in raced:
+                self._cache[u] = (read_at, until, stored)
+                self._cache.move_to_end(u)
+        while len(self._cache) > self.cache_users:
+            self._cache.popitem(last=False)
+
     def _invalidate_all(self) -> None:
         """Forget every entry (the change feed lost track): reads under way do not cache."""
         self._cache.clear()

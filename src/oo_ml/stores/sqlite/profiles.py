@@ -26,6 +26,7 @@ contract's TTL applies too. Hours are UTC: no event carries the user's time zone
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
@@ -262,23 +263,34 @@ class SqliteProfileStore(CachedFeatures):
         return await self.db.run(lambda conn: applied_among(conn, event_ids))
 
     async def record(self, events: Sequence[Event], now: float) -> list[bool]:
-        """`record_events` in one durable transaction."""
+        """`record_events` in one durable transaction. The features of the batch's users
+        that Score has in memory are read again in that transaction and replace the cached
+        ones: each TipServed oo-ml publishes comes back here, and dropping the entry
+        instead would send that user's next Score to the store."""
         await self.ensure_schema()
         plan = plan_batch(events, now)
         origin = self.db.origin
+        touched = {e.user_id for e in events}
+        hot = self.hot_users(touched)
+        started = time.monotonic()
 
-        def tx(conn: sqlite3.Connection) -> list[bool]:
+        def tx(
+            conn: sqlite3.Connection,
+        ) -> tuple[list[bool], dict[str, tuple[dict[str, StoredValue], float]]]:
             fresh = record_events(conn, events, now, plan)
             # One change per user whose rows moved, in the same transaction (ADR 0020).
             users = sorted({e.user_id for e, f in zip(events, fresh, strict=True) if f})
             changes.note_each(conn, origin, ((u, PROFILE) for u in users))
-            return fresh
+            return fresh, {u: _features_until(conn, u, now) for u in users if u in hot}
 
         try:
-            return await self.db.run(tx)
-        finally:
+            applied, refreshed = await self.db.run(tx)
+        except BaseException:
             # Even a failed commit may have been applied (a lost answer): forget, re-read.
-            self._invalidate({e.user_id for e in events})
+            self._invalidate(touched)
+            raise
+        self._replace(touched, refreshed, started)
+        return applied
 
     async def prune(self, now: float) -> int:
         """Forget event ids past the dedupe window and buckets past the 30-day window.
