@@ -148,6 +148,17 @@ MIGRATIONS: list[str] = [
     # Issue 11: the change sequence every write of learned state bumps, which the
     # processes sharing this file follow to keep their caches fresh (ADR 0020).
     changes.SCHEMA,
+    # The last revision of each model a reset deleted: a model created again starts above
+    # it, so a worker still holding the pre-reset model at revision R cannot win a
+    # compare-and-set against a new model that happens to have reached R.
+    """
+    CREATE TABLE state_resets (
+        user_id TEXT NOT NULL,
+        policy TEXT NOT NULL,
+        revision INTEGER NOT NULL,
+        PRIMARY KEY (user_id, policy)
+    ) WITHOUT ROWID;
+    """,
 ]
 
 
@@ -158,12 +169,19 @@ def _apply(
         case PutState(user_id, policy, revision, state):
             data = encode_state(state)
             if revision == 0:
+                # Revisions only grow, across resets too (`state_resets`).
+                reset = conn.execute(
+                    "SELECT revision FROM state_resets WHERE user_id = ? AND policy = ?",
+                    (user_id, policy),
+                ).fetchone()
+                new_revision = (reset[0] if reset else 0) + 1
                 cur = conn.execute(
                     "INSERT OR IGNORE INTO state (user_id, policy, revision, data, updated_at)"
-                    " VALUES (?, ?, 1, ?, ?)",
-                    (user_id, policy, data, time.time()),
+                    " VALUES (?, ?, ?, ?, ?)",
+                    (user_id, policy, new_revision, data, time.time()),
                 )
             else:
+                new_revision = revision + 1
                 cur = conn.execute(
                     "UPDATE state SET revision = revision + 1, data = ?, updated_at = ?"
                     " WHERE user_id = ? AND policy = ? AND revision = ?",
@@ -173,8 +191,8 @@ def _apply(
                 raise Conflict(
                     f"state of {user_id!r} under {policy!r} moved past revision {revision}"
                 )
-            revisions[(user_id, policy)] = revision + 1
-            changes.note(conn, origin, user_id, policy, revision + 1)
+            revisions[(user_id, policy)] = new_revision
+            changes.note(conn, origin, user_id, policy, new_revision)
         case InsertDecision(r):
             conn.execute(
                 "INSERT INTO decisions (decision_id, user_id, policy, created_at, chosen_arm,"
@@ -359,6 +377,11 @@ class SqliteStore:
         origin = self.db.origin
 
         def tx(conn: sqlite3.Connection) -> tuple[int, int]:
+            conn.execute(
+                "INSERT OR REPLACE INTO state_resets (user_id, policy, revision)"
+                " SELECT user_id, policy, revision FROM state WHERE user_id = ?",
+                (user_id,),
+            )
             states = conn.execute("DELETE FROM state WHERE user_id = ?", (user_id,)).rowcount
             conn.execute("DELETE FROM pulls WHERE user_id = ?", (user_id,))
             conn.execute(
