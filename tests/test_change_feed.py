@@ -6,13 +6,19 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from oo_ml.config import ScoringConfig
+from oo_ml.domain.engine import ScoringEngine
+from oo_ml.domain.engine.types import Candidate, ScoreCommand
 from oo_ml.domain.events import Event, TipViewed
+from oo_ml.domain.features import Inputs, NoStoredFeatures
 from oo_ml.domain.ports import EVERY_POLICY, EVERY_USER, PROFILE, Change, PutState
 from oo_ml.domain.state import empty_state
 from oo_ml.schema.contracts import ALL_FEATURES
+from oo_ml.stores.codec import encode_state
 from oo_ml.stores.sqlite.changes import SqliteChangeFeed
 from oo_ml.stores.sqlite.profiles import SqliteProfileStore
 from oo_ml.stores.sqlite.scoring import SqliteStore
@@ -113,3 +119,45 @@ async def test_seq_numbers_are_never_reused_after_a_prune(
     await a.commit([PutState("bob", "egreedy", 0, STATE)])
     await feed.catch_up()
     assert feed.last == first + 1 == 2
+
+
+async def test_a_write_through_does_not_put_back_a_model_a_newer_write_replaced(
+    two: tuple[SqliteStore, SqliteStore],
+) -> None:
+    """Worker A's reward commits revision R+1; before A writes its model through to its
+    cache, worker B commits R+2 and A's feed reports it. A's cache must not end at R+1
+    (a model older than the store's, served until the key changes again)."""
+    sa, sb = two
+    cfg = ScoringConfig(default_policy="egreedy-v2")
+    ea = ScoringEngine(cfg, sa, NoStoredFeatures(), ALL_FEATURES)
+    eb = ScoringEngine(cfg, sb, NoStoredFeatures(), ALL_FEATURES)
+    cmd = ScoreCommand("u", tuple(Candidate(f"t-{a}", a) for a in ("x", "y")), Inputs({}), "")
+    policy = ea.policy("").name
+    first, second = (await ea.score(cmd)).record, (await eb.score(cmd)).record
+    await ea.log.durable()
+    await eb.log.durable()
+    commit = sa.commit
+
+    async def commit_then_b_writes(writes: Any) -> dict[tuple[str, str], int]:
+        revisions = await commit(writes)
+        eb.models.forget("u", policy)
+        assert (await eb.reward(second.decision_id, 0.0)).applied
+        newer = await sb.get("u", policy)
+        assert newer is not None
+        ea.models.apply([Change("u", policy, newer.revision)])  # A's feed, meanwhile
+        return revisions
+
+    sa.commit = commit_then_b_writes  # type: ignore[method-assign]
+    assert (await ea.reward(first.decision_id, 1.0)).applied
+    sa.commit = commit  # type: ignore[method-assign]
+    stored = await sa.get("u", policy)
+    assert stored is not None
+    cached = ea.models.cached("u", policy)
+    assert cached is None or (
+        cached[0] == stored.revision and encode_state(cached[1]) == encode_state(stored.state)
+    )
+    _, state = await ea.models.load("u", ea.policy(""))
+    assert encode_state(state) == encode_state(stored.state)
+    assert state.arms[first.chosen.arm].rewarded >= 1
+    for e in (ea, eb):
+        await e.close()

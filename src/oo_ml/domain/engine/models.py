@@ -53,9 +53,14 @@ class Models:
         # Bumped when a prior changes: views made from an older prior are rebuilt.
         self._prior_generation = 0
         self.bytes = 0
-        # Bumped when a user's entries are forgotten (a reset, a conflict): a store read
-        # that started before must not cache what it read.
-        self._generation: dict[str, int] = {}
+        # A user's mark is the tick of the last time their entries were forgotten or
+        # another process's change named them (a reset, a conflict, the feed): a store
+        # read or a write-through that started at an earlier tick must not cache what it
+        # holds, it may be older than the store. Marks are dropped in bulk when there are
+        # many (then every read under way counts as overtaken).
+        self._tick = 0
+        self._marks: dict[str, int] = {}
+        self._marks_dropped = -1
         self.hits = 0
         self.misses = 0
         self.evictions = 0
@@ -74,7 +79,7 @@ class Models:
             return cached[0], cached[1]
         self.misses += 1
         fv = FEATURE_VERSIONS[policy.feature_version]
-        generation = self._generation.get(user_id, 0)
+        started = self.moment()
         stored = await self.store.get(user_id, policy.name)
         if stored is None:
             revision, state = 0, empty_state(policy.name, fv.name, fv.dim, self.config.ridge_lambda)
@@ -87,7 +92,7 @@ class Models:
         current = self._cache.get(key)
         if current is not None and current[0] >= revision:
             return current[0], current[1]
-        if self._generation.get(user_id, 0) == generation:
+        if not self.changed_since(user_id, started):
             self.put(user_id, policy.name, revision, state)
         return revision, state
 
@@ -131,18 +136,47 @@ class Models:
             self.bytes -= gone[2]
             self.evictions += 1
 
+    def moment(self) -> int:
+        """Now, for `changed_since`: take it before a store read or a commit."""
+        return self._tick
+
+    def changed_since(self, user_id: str, moment: int) -> bool:
+        """Whether the user's entries were forgotten, or another process's change named
+        them, after `moment`."""
+        return self._marks.get(user_id, -1) > moment or self._marks_dropped > moment
+
+    def _mark(self, user_id: str) -> None:
+        self._tick += 1
+        self._marks[user_id] = self._tick
+        if len(self._marks) > 4 * max(len(self._cache), 1024):
+            # Only reads and writes under way care about a mark; old ones can go.
+            self._marks.clear()
+            self._marks_dropped = self._tick
+
+    def put_written(
+        self, user_id: str, policy: str, revision: int, state: PolicyState, since: int
+    ) -> None:
+        """Write-through of our commit at `revision`, begun at `since` (`moment()`): unless
+        the cache already holds that revision or a newer one, or a change was reported
+        meanwhile (another writer may have moved the model past ours), then the entry is
+        dropped and the next read fetches it."""
+        entry = self._cache.get((user_id, policy))
+        if entry is not None and entry[0] >= revision:
+            return
+        if self.changed_since(user_id, since):
+            self.forget(user_id, policy)
+            return
+        self.put(user_id, policy, revision, state)
+
     def forget(self, user_id: str, policy: str) -> None:
         """Drop an entry the store may have moved past (a conflict, another writer)."""
-        self._generation[user_id] = self._generation.get(user_id, 0) + 1
-        if len(self._generation) > 4 * max(len(self._cache), 1024):
-            # Only reads under way care about a mark; old ones can go.
-            self._generation.clear()
+        self._mark(user_id)
         old = self._cache.pop((user_id, policy), None)
         if old is not None:
             self.bytes -= old[2]
 
     def forget_user(self, user_id: str) -> None:
-        self._generation[user_id] = self._generation.get(user_id, 0) + 1
+        self._mark(user_id)
         for key in [k for k in self._cache if k[0] == user_id]:
             self.forget(*key)
 
@@ -161,7 +195,7 @@ class Models:
                 entry = self._cache.get((c.user_id, c.policy))
                 if entry is None:
                     # Not cached, but a read may be under way: it must not cache an older one.
-                    self._generation[c.user_id] = self._generation.get(c.user_id, 0) + 1
+                    self._mark(c.user_id)
                 elif c.revision == 0 or entry[0] < c.revision:
                     if c.state is not None:
                         self.put(c.user_id, c.policy, c.revision, c.state)

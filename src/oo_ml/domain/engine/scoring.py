@@ -293,6 +293,7 @@ class ScoringEngine:
                 record = current.record
                 writes = await self._reward_writes(record, reward, now, source)
                 states = [w for w in writes if isinstance(w, PutState)]
+                since = self.models.moment()
                 try:
                     revisions = await self.store.commit(writes)
                 except asyncio.CancelledError:
@@ -316,7 +317,7 @@ class ScoringEngine:
                         # (an earlier attempt that crashed or timed out). Read it again.
                         self.models.forget(w.user_id, w.policy)
                     else:
-                        self.models.put(w.user_id, w.policy, rev, w.state)
+                        self.models.put_written(w.user_id, w.policy, rev, w.state, since)
                 return RewardResult(True, record.policy, record.chosen.arm)
         raise Unavailable(f"state of {record.user_id!r} kept changing; try again")
 
