@@ -563,13 +563,17 @@ class NatsStore:
 
     async def pending_before(self, cutoff: float, limit: int) -> list[str]:
         """Decisions made before `cutoff` without a reward, walking the log from where the
-        last sweep (of any replica) stopped; it moves on past what it returns."""
+        last sweep (of any replica) stopped. The shared position moves past the decisions
+        that are settled (rewarded, or hidden by their user's reset) up to the first one
+        it returns: that one is returned again next time unless its reward lands, so a
+        sweep that fails (the broker away) loses no decision."""
         out: list[str] = []
         try:
             found = await self._kv_get(self.meta, "sweep")
             start = max(self._sweep_seq, int(found[1]) if found else 0) + 1
             seq = start
-            last_due = start - 1
+            settled_through = start - 1
+            resets: dict[str, float | None] = {}
             while len(out) < limit:
                 try:
                     msg = await self.js.get_msg(
@@ -578,19 +582,32 @@ class NatsStore:
                 except nats.js.errors.NotFoundError:
                     break
                 h = msg.headers or {}
-                if float(h.get("Oo-At", "0")) >= cutoff:
+                created_at = float(h.get("Oo-At", "0"))
+                if created_at >= cutoff:
                     break
                 decision_id = (msg.subject or "").rsplit(".", 1)[-1]
-                last_due = seq = int(msg.seq or seq)
-                seq += 1
-                if await self._last(f"{_D}.r.{decision_id}") is None:
+                seq = int(msg.seq or seq)
+                if await self._last(f"{_D}.r.{decision_id}") is None and not (
+                    created_at <= await self._reset_at(h.get("Oo-User", ""), resets)
+                ):
                     out.append(decision_id)
-            if last_due >= start:
-                self._sweep_seq = last_due
-                await self.meta.put("sweep", str(last_due).encode())
+                elif len(out) == 0:
+                    settled_through = seq
+                seq += 1
+            if settled_through >= start:
+                self._sweep_seq = settled_through
+                await self.meta.put("sweep", str(settled_through).encode())
         except _NATS_ERRORS as e:
             raise TransientStoreError(f"NATS: {type(e).__name__}: {e}") from e
         return out
+
+    async def _reset_at(self, user_id: str, seen: dict[str, float | None]) -> float:
+        """When the user was last reset (-inf: never); `seen` caches it for one scan."""
+        if user_id not in seen:
+            found = await self._kv_get(self.resets, token(user_id))
+            seen[user_id] = float(found[1]) if found is not None else None
+        at = seen[user_id]
+        return -float("inf") if at is None else at
 
     async def set_aside(self, decision_id: str, reason: str) -> None:
         msg = await self._decision_msg(decision_id)
