@@ -206,11 +206,44 @@ async def test_a_reset_forgets_models_and_pending_decisions(store: Store) -> Non
     assert await store.pending_count("u", "p") == 0
 
 
+async def test_revisions_keep_growing_across_a_reset(store: Store) -> None:
+    """A model created again after a reset starts above the revisions the old one had:
+    a process still holding the pre-reset model at revision R (its feed not caught up)
+    cannot win a compare-and-set against the new model once that reaches R."""
+    r1 = await store.compare_and_set("u", "p", 0, st(1))
+    assert r1 is not None
+    stale = await store.compare_and_set("u", "p", r1, st(2))  # the pre-reset model
+    assert stale is not None
+    await store.reset_user("u")
+    n1 = await store.compare_and_set("u", "p", 0, st(10))
+    assert n1 is not None and n1 > stale
+    n2 = await store.compare_and_set("u", "p", n1, st(11))
+    assert n2 is not None and n2 > n1
+    assert await store.compare_and_set("u", "p", stale, st(3)) is None
+    got = await store.get("u", "p")
+    assert got is not None and got.state == st(11)
+
+
 async def test_the_sweeper_finds_old_unrewarded_decisions(store: Store) -> None:
     await store.commit([InsertDecision(rec(i, at=1000.0)) for i in range(5)])
     await store.commit([MarkRewarded(rec(1).decision_id, 1.0, 2000.0, "explicit")])
     due = await store.pending_before(1003.5, 10)  # made at 1000..1004
     assert sorted(due) == [rec(i).decision_id for i in (0, 2, 3)]
+
+
+async def test_a_decision_the_sweep_could_not_reward_is_found_again(store: Store) -> None:
+    """The sweep's answer is not a promise to reward: until a reward lands, the decision
+    stays due (NATS keeps a shared position; it must not move past it). Decisions of a
+    reset user are no longer due."""
+    await store.commit([InsertDecision(rec(i, at=1000.0)) for i in range(4)])
+    await store.commit([InsertDecision(rec(4, user="gone", at=1000.0))])
+    ids = [rec(i).decision_id for i in range(5)]
+    assert sorted(await store.pending_before(1010.0, 10)) == ids
+    # Only the first decision's default reward landed (the store went away for the rest).
+    await store.commit([MarkRewarded(ids[0], 0.0, 2000.0, "default")])
+    await store.reset_user("gone")
+    assert sorted(await store.pending_before(1010.0, 10)) == ids[1:4]
+    assert sorted(await store.pending_before(1010.0, 10)) == ids[1:4]
 
 
 async def test_generations_are_found_by_id(store: Store) -> None:
