@@ -7,6 +7,7 @@ replayed after a crash, the change feed) are at the end."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from oo_ml.domain.ports import (
     Store,
 )
 from oo_ml.domain.state import PolicyState
-from oo_ml.errors import Conflict
+from oo_ml.errors import Conflict, TransientStoreError
 from oo_ml.ingest.nats_server import LocalNatsServer
 from oo_ml.stores.nats.scoring import NatsStore
 from oo_ml.stores.sqlite.scoring import SqliteStore
@@ -260,6 +261,51 @@ async def test_policy_states_are_the_latest_models(store: Store) -> None:
 
 
 # -- JetStream only: several processes on one broker ------------------------------------
+
+
+async def test_a_flush_retried_after_its_ledger_failed_still_counts_its_decisions(
+    nats_url: str,
+) -> None:
+    """A flush whose decisions landed but whose ledger step failed is retried whole; the
+    retry finds the decisions duplicates and must still write their counts, once."""
+    store, nc = await open_nats(nats_url)
+    real = store.js.publish_async
+    failed: list[str] = []
+
+    async def ledger_down(subject: str, *args: object, **kw: object) -> object:
+        if subject.startswith("oo.ledger.") and not failed:
+            failed.append(subject)
+            raise nats.errors.TimeoutError
+        return await real(subject, *args, **kw)  # type: ignore[arg-type]
+
+    store.js.publish_async = ledger_down  # type: ignore[method-assign]
+    batch = [InsertDecision(rec(i, arm="a" if i < 2 else "b")) for i in range(3)]
+    with pytest.raises(TransientStoreError):
+        await store.commit(batch)
+    assert failed
+    await store.commit(batch)  # the decision log's retry
+    await store.commit(batch)  # and a second one, which must not count again
+    store.js.publish_async = real  # type: ignore[method-assign]
+    assert await store.pulls("u", "p") == {"a": 2, "b": 1}
+    assert await store.pending_count("u", "p") == 3
+    totals = await store.policy_totals("p")
+    assert {(t.arm, t.pulls) for t in totals.arms} == {("a", 2), ("b", 1)}
+    await store.close()
+    await nc.close()
+
+
+async def test_policy_totals_while_the_broker_is_away_are_transient(tmp_path: Path) -> None:
+    """Stats reads the tallies and the ledger: with the broker gone that is a retryable
+    TransientStoreError (UNAVAILABLE at the edge), not a raw NATS error (INTERNAL)."""
+    server = LocalNatsServer(tmp_path / "nats")
+    store, nc = await open_nats(await server.start())
+    await store.commit([InsertDecision(rec(1))])
+    store._tally_dirty = True  # a count not written yet: Stats writes it first
+    await server.stop()
+    with pytest.raises(TransientStoreError):
+        await asyncio.wait_for(store.policy_totals("p"), 30)
+    with contextlib.suppress(OSError):  # closing a connection whose broker is gone
+        await nc.close()
 
 
 async def test_a_reward_replayed_after_a_crash_is_not_learned_twice(nats_url: str) -> None:

@@ -51,7 +51,7 @@ import logging
 import os
 import struct
 import time
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -119,6 +119,7 @@ _L = "oo.ledger"
 # The model header: magic, then how many ids follow, each 16 bytes (a decision id's hex).
 _MAGIC = b"OOm1"
 _RECENT_REWARDS = 64
+_KNOWN_USERS_MAX = 100_000
 """Decision ids a model remembers having learned: a replay of a reward within the last
 64 rewards of the same model is recognised (a replay comes seconds after, not hundreds of
 rewards later; past that, the write-once reward mark catches it)."""
@@ -232,7 +233,9 @@ class NatsStore:
         self._tally_dirty = False
         self._tally_revision = 0
         self._tally_lock = asyncio.Lock()
-        self._known_users: set[tuple[str, str]] = set()
+        # (policy, user) pairs known to have a users-bucket entry: a hint that saves a
+        # put per decision, bounded (a forgotten pair costs one idempotent put).
+        self._known_users: OrderedDict[tuple[str, str], None] = OrderedDict()
         self._sweep_seq = 0
         self.unreadable_states = 0
         # When the connection last came back (time.monotonic(); the supervisor's
@@ -360,19 +363,18 @@ class NatsStore:
                 rev = await self.compare_and_set(w.user_id, w.policy, w.revision, w.state)
                 if rev is None:
                     raise Conflict(f"state of {w.user_id!r} under {w.policy!r} moved")
-        acks = await _acks(futures)
-        # The ledger counts each decision once: only for the first ack of its id (a
-        # retried flush's duplicates do not count again), with the ledger's own message
-        # ids for a retry of this step.
+        await _acks(futures)
+        # The ledger counts each decision once: its entries carry their own message ids,
+        # so a retried flush publishes them all again and the stream drops the copies.
+        # Not only for decisions acked fresh just now: a flush retried after its ledger
+        # step failed (or its acks were lost) finds its decisions duplicates, and their
+        # counts would never be written. The tallies count the first ack of each `p`.
         ledger: list[asyncio.Future[Any]] = []
-        fresh: list[InsertDecision] = []
-        for w, ack in zip(inserted, acks[: len(inserted)], strict=False):
-            if ack.duplicate:
-                continue
-            fresh.append(w)
-        for w in fresh:
+        counted: list[int] = []  # index in `ledger` of each decision's `p` entry
+        for w in inserted:
             r = w.record
             tp, tu = token(r.policy), token(r.user_id)
+            counted.append(len(ledger))
             ledger.append(
                 await self.js.publish_async(
                     f"{_L}.p.{tp}.{tu}.{token(r.chosen.arm)}",
@@ -388,7 +390,8 @@ class NatsStore:
                         headers={"Nats-Msg-Id": f"g{r.decision_id}"},
                     )
                 )
-        await _acks(ledger)
+        ledger_acks = await _acks(ledger)
+        fresh = [w for w, i in zip(inserted, counted, strict=True) if not ledger_acks[i].duplicate]
         new_users = [
             w.record for w in fresh if (w.record.policy, w.record.user_id) not in self._known_users
         ]
@@ -409,7 +412,9 @@ class NatsStore:
 
     async def _first_seen(self, policy: str, user_id: str) -> bool:
         """Record that the user has decisions under the policy; True the first time ever."""
-        self._known_users.add((policy, user_id))
+        self._known_users[(policy, user_id)] = None
+        if len(self._known_users) > _KNOWN_USERS_MAX:
+            self._known_users.popitem(last=False)
         return await self._put_if(self.users, model_key(user_id, policy), b"1", 0) is not None
 
     async def _reward(
@@ -824,17 +829,20 @@ class NatsStore:
         """Per last subject token: how many messages and the sum of their payloads."""
         sums: dict[str, tuple[int, float]] = {}
         seq = 1
-        while True:
-            try:
-                msg = await self.js.get_msg(
-                    LEDGER, seq=seq, next=True, subject=subjects, direct=True
-                )
-            except nats.js.errors.NotFoundError:
-                return sums
-            tok = (msg.subject or "").rsplit(".", 1)[-1]
-            n, total = sums.get(tok, (0, 0.0))
-            sums[tok] = (n + 1, total + float(msg.data or b"0"))
-            seq = int(msg.seq or seq) + 1
+        try:
+            while True:
+                try:
+                    msg = await self.js.get_msg(
+                        LEDGER, seq=seq, next=True, subject=subjects, direct=True
+                    )
+                except nats.js.errors.NotFoundError:
+                    return sums
+                tok = (msg.subject or "").rsplit(".", 1)[-1]
+                n, total = sums.get(tok, (0, 0.0))
+                sums[tok] = (n + 1, total + float(msg.data or b"0"))
+                seq = int(msg.seq or seq) + 1
+        except _NATS_ERRORS as e:
+            raise TransientStoreError(f"NATS: {type(e).__name__}: {e}") from e
 
     async def _keys(self, bucket: str, pattern: str) -> list[str]:
         """The live keys of a bucket matching a subject pattern, by direct gets along its
@@ -856,11 +864,11 @@ class NatsStore:
     async def _all_tallies(self) -> list[_Tally]:
         """Every process's tally and the archive, read key by key from the bucket's
         stream (direct gets, no consumer: a Stats must not leave consumers behind)."""
-        await self._write_tally()  # ours first, so a Stats sees what we counted
         stream, subjects = f"KV_{TALLIES}", f"$KV.{TALLIES}.>"
         latest: dict[str, bytes] = {}
         seq = 1
         try:
+            await self._write_tally()  # ours first, so a Stats sees what we counted
             while True:
                 try:
                     msg = await self.js.get_msg(
