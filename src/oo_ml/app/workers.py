@@ -290,6 +290,13 @@ class Workers:
         """SIGTERM to every worker, wait while they drain, then NATS. 0 if all exited 0."""
         self._stopping = True
         self._stop.set()
+        # The restart loops go first: one may be spawning a worker right now, which would
+        # otherwise miss the SIGTERM below (cancelled inside the spawn, asyncio kills the
+        # child; after it, the child is in its slot and stopped with the others).
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
         # Those alive now are stopped; one that died before (and waits for its restart)
         # already had its exit logged.
         live = [s for s in self.slots if s.alive]
@@ -311,11 +318,10 @@ class Workers:
                 )
                 s.proc.kill()
                 codes.append(await s.proc.wait())
-        tasks = [*self._tasks, *self._drains]
-        for task in tasks:
+        drains = list(self._drains)  # read the workers' stdout until they exited
+        for task in drains:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        self._tasks.clear()
+        await asyncio.gather(*drains, return_exceptions=True)
         if self.nats is not None:
             await self.nats.stop()
         if self._endpoint is not None:
