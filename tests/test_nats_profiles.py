@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -98,10 +99,17 @@ async def watching(store: NatsProfileStore) -> AsyncIterator[list[Change]]:
         seen.extend(changes)
         store.apply(changes)
 
+    stream = f"KV_{store.bucket}"
+    consumers = (await store.js.stream_info(stream)).state.consumer_count
     stop = asyncio.Event()
     task = asyncio.create_task(store.follow(apply, stop))
     try:
-        await asyncio.sleep(0.1)  # subscribed
+        # The feed starts at new messages: wait until its consumer exists, or a write
+        # made before would never be heard.
+        deadline = time.monotonic() + 30
+        while (await store.js.stream_info(stream)).state.consumer_count <= consumers:
+            assert time.monotonic() < deadline, "the change feed did not subscribe"
+            await asyncio.sleep(0.01)
         yield seen
     finally:
         stop.set()

@@ -121,8 +121,11 @@ _MAGIC = b"OOm1"
 _RECENT_REWARDS = 64
 _KNOWN_USERS_MAX = 100_000
 """Decision ids a model remembers having learned: a replay of a reward within the last
-64 rewards of the same model is recognised (a replay comes seconds after, not hundreds of
-rewards later; past that, the write-once reward mark catches it)."""
+64 rewards of the same model is recognised (a client's retry comes seconds after, not
+hundreds of rewards later); a replay of a marked reward is caught by the write-once mark.
+Not caught: a reward whose mark was never written (a crash between the model's CAS and
+the mark) and that comes back after 64 more rewards of that model, such as the sweeper's
+default reward a day later (ADR 0018, Consequences)."""
 _NATS_ERRORS: tuple[type[BaseException], ...] = (
     nats.errors.Error,
     nats.js.errors.Error,
@@ -969,9 +972,12 @@ class ModelChanges:
             apply([Change(user_id, EVERY_POLICY, 0)])
 
         subs: list[Any] = []
+        reconnects = 0
         while not stop.is_set():
             try:
                 if not subs:
+                    # A reconnect shorter than the check below also counts as a gap.
+                    reconnects = nc.stats["reconnects"]
                     for subject, cb in ((models_pre + ">", on_model), (resets_pre + ">", on_reset)):
                         subs.append(
                             await js.subscribe(
@@ -985,7 +991,7 @@ class ModelChanges:
                     # Anything written before the watch began is unknown to us.
                     apply([Change(EVERY_USER, EVERY_POLICY, 0)])
                 await _wait(stop, 1.0)
-                if not nc.is_connected:
+                if not nc.is_connected or nc.stats["reconnects"] != reconnects:
                     raise nats.errors.ConnectionClosedError
             except _NATS_ERRORS as e:
                 log.warning("model change feed interrupted: %s", e or type(e).__name__)
