@@ -10,7 +10,8 @@ Decisions are made in the simulator's order (round by round, users in turn), eac
 learns the reward of its choice at once, and regret is in expectation, p(best) - p(chosen).
 
 oo-ml's policies run exactly as `oo-ml simulate` runs them (`sim.runner._run_policy`:
-per-user states, `rng_for(decision_id)`, population prior refreshed every 10 rounds);
+per-user states, `rng_for(decision_id)`, population prior refreshed every 10 rounds and
+whenever the rewards since the last refresh reach a tenth of those it pooled);
 `@noprior` runs them with the prior off. Peers, in two set-ups:
 
 - per user (the default): one MABWiser `MAB` / one VW workspace per user, like oo-ml's

@@ -14,7 +14,13 @@ import pytest
 from oo_ml.config import ScoringConfig
 from oo_ml.domain.policies import LinearThompson, build_policies, estimates, widths
 from oo_ml.domain.rng import rng_for
-from oo_ml.domain.state import PRIOR_WEIGHT_BIAS, PolicyState, empty_state, population_prior
+from oo_ml.domain.state import (
+    PRIOR_WEIGHT_BIAS,
+    PolicyState,
+    empty_state,
+    population_prior,
+    prior_due,
+)
 from oo_ml.sim.runner import LoggedDecision, _run_policy
 from oo_ml.sim.world import SimulationConfig, World, make_world
 
@@ -114,6 +120,19 @@ def test_the_prior_weighs_users_not_pulls() -> None:
     assert abs(mean - expected) < 0.01, (mean, expected)
 
 
+def test_a_prior_is_due_once_the_data_grew_by_a_tenth() -> None:
+    # The server's and the simulator's second refresh trigger (besides the timer): a prior
+    # records the rewards it pooled, and is due when those learned since reach a tenth.
+    x = np.zeros(12)
+    x[0] = 1.0
+    users = [_learned_user(["focus"], [("focus", x, 1.0)] * 10) for _ in range(3)]
+    prior = population_prior(users, "linucb", "v2", 12, 1.0)
+    assert prior is not None and prior.rewards == 30
+    assert not prior_due(prior, 2)
+    assert prior_due(prior, 3)
+    assert not prior_due(None, 1000)  # the first prior comes from the timer
+
+
 def test_the_prior_zeroes_coefficients_the_data_do_not_support() -> None:
     # Relevance determination: of ten features the reward does not depend on, most get a
     # coefficient of 0 (a plain ridge fits every one of them to the noise, |coefficient| ~
@@ -156,5 +175,5 @@ def test_the_prior_keeps_its_coefficients_plausible(monkeypatch: pytest.MonkeyPa
     world = make_world(SimulationConfig(users=30, rounds=100, seed=1))
     scoring = ScoringConfig()
     _run_policy(world, build_policies(scoring)["linucb"], scoring.ridge_lambda, None)
-    assert len(seen) == 4 * 9
+    assert len(seen) > 4 * 9  # the timer's 9 refreshes and those of the data's growth
     assert max(seen) < 2.0, max(seen)

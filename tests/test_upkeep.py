@@ -146,3 +146,30 @@ async def test_an_undecodable_decision_is_set_aside_and_does_not_block_the_sweep
     assert engine.upkeep.set_aside == 1
     stored = await store.get_decision(more)
     assert stored is not None and stored.reward.source == "default"
+
+
+async def test_a_young_prior_is_refreshed_when_the_data_grow(store: SqliteStore) -> None:
+    """Besides its timer, the priors job is due as soon as the rewards learned since the
+    prior was made reach PRIOR_REFRESH_GROWTH of those it pooled (`state.prior_due`)."""
+    clock = Clock()
+    engine = engine_on(store, clock, OO_PRIOR_REFRESH_S="3600")
+    policy = engine.config.default_policy
+
+    async def rewarded(users: range) -> None:
+        for i in users:
+            d = await score(engine, f"u{i}")
+            await engine.drain()
+            await engine.reward(d, 1.0)
+
+    await rewarded(range(20))
+    await engine.refresh_priors()
+    prior = engine.models.priors[policy]
+    assert prior.rewards == 20  # the rewards it pooled
+    job = next(j for j in engine.upkeep.status() if j.name == "priors")
+    job.next_at = float("inf")  # the timer is far away
+    await rewarded(range(20, 21))
+    assert job.next_at == float("inf")  # 1 < 10% of 20
+    await rewarded(range(21, 22))
+    assert job.next_at < float("inf")  # 2 = 10% of 20: due at the schedule's next look
+    await engine.refresh_priors()
+    assert engine.models.priors[policy].rewards == 22

@@ -199,7 +199,10 @@ class ScoringConfig:
         30.0, "OO_SWEEP_INTERVAL_S", "How often the sweeper applies default rewards."
     )
     prior_refresh_s: float = setting(
-        30.0, "OO_PRIOR_REFRESH_S", "How often the population prior is recomputed."
+        30.0,
+        "OO_PRIOR_REFRESH_S",
+        "How often the population prior is recomputed (a young prior also once the rewards"
+        " since reach a tenth of those it pooled).",
     )
     decision_log_max_mb: float = setting(
         2048.0,

@@ -269,6 +269,24 @@ _ARD_ROUNDS = 30
 _ARD_MIN, _ARD_MAX = 1.0, 1e8
 _ARD_BIAS = 1e-3
 
+# A population prior is refreshed as soon as the rewards learned since it was made reach
+# this share of the rewards it pooled (besides the engine's timer, OO_PRIOR_REFRESH_S):
+# while the prior is young, every few new rewards change it, and users should not wait
+# for the timer to get them; once it is made of much data, the timer alone refreshes it.
+# See docs/learning.md and ADR 0022.
+PRIOR_REFRESH_GROWTH = 0.1
+
+
+def prior_due(prior: PolicyState | None, rewards_since: int) -> bool:
+    """Whether `prior` should be refreshed because the data grew: `rewards_since` (rewards
+    learned since it was made) is at least PRIOR_REFRESH_GROWTH of the rewards it pooled
+    (`prior.rewards`). Never for no prior: the first one comes from the timer."""
+    return (
+        prior is not None
+        and prior.rewards > 0
+        and rewards_since >= PRIOR_REFRESH_GROWTH * prior.rewards
+    )
+
 
 def _relevance_fit(xx: Matrix, xr: Vector, noise_var: float) -> Vector:
     """Bayesian ridge with one prior precision per coefficient, each set by maximising the
@@ -315,7 +333,8 @@ def population_prior(
     (see `ArmModel.fresh`), C = diag(lambda + w), w = 1 / (1/max_weight + 1/n) with n the
     rewards pooled: a prior made of little evidence weighs little, one made of much weighs
     up to max_weight (PRIOR_WEIGHT_BIAS for the bias, PRIOR_WEIGHT for the rest); existing
-    users move onto it in `PolicyState.with_arms`."""
+    users move onto it in `PolicyState.with_arms`. Its `rewards` is the number of rewards
+    pooled (see `prior_due`)."""
     cap = PRIOR_WEIGHT if max_weight is None else max_weight
     cap_bias = PRIOR_WEIGHT_BIAS if max_weight is None else max_weight
 
@@ -356,5 +375,7 @@ def population_prior(
         feature_version=feature_version,
         dim=dim,
         ridge_lambda=ridge_lambda,
+        # The rewards pooled, which `prior_due` measures the data's growth against.
+        rewards=int(sum(n for _, _, n, _ in pooled.values())),
         arms=arms,
     )

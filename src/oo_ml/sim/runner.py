@@ -3,7 +3,9 @@ server.
 
 Policies run exactly as in the server: per-user `PolicyState`s in plain dicts, `select`
 with the decision's RNG, `chose`, then `learned` with the reward; population priors are
-refreshed every `prior_every` rounds with the engine's rule. One policy's decisions can be
+refreshed with the engine's rules: every `prior_every` rounds (its timer) and as soon as
+the rewards learned since the last refresh reach a tenth of those the prior pooled
+(`state.prior_due`). One policy's decisions can be
 logged (x per feature version, propensities, reward) and replayed through another policy
 as a shadow, the way the server's shadows see traffic, for off-policy evaluation (`gate`).
 """
@@ -22,7 +24,7 @@ from oo_ml.domain import promotion
 from oo_ml.domain.features import FEATURE_VERSIONS, Vector
 from oo_ml.domain.policies import Policy, build_policies, estimates
 from oo_ml.domain.rng import rng_for
-from oo_ml.domain.state import PolicyState, empty_state, population_prior
+from oo_ml.domain.state import PolicyState, empty_state, population_prior, prior_due
 from oo_ml.sim.world import ARMS, SimulationConfig, World, decision_id, make_world, user_id
 
 ORACLE = "oracle"
@@ -161,13 +163,17 @@ def _run_policy(
     prior: PolicyState | None = None
     tally = _Tally()
     arms = list(ARMS)
+    learned = 0  # rewards learned since the prior was made
     for r in range(cfg.rounds):
-        if cfg.prior_every and r and r % cfg.prior_every == 0:
+        # The engine's two triggers: its timer (every `prior_every` rounds here) and the
+        # data's growth (`prior_due`, checked here once a round).
+        if cfg.prior_every and r and (r % cfg.prior_every == 0 or prior_due(prior, learned)):
             fv = FEATURE_VERSIONS[policy.feature_version]
             prior = (
                 population_prior(states.values(), policy.name, fv.name, fv.dim, ridge_lambda)
                 or prior
             )
+            learned = 0
         for u in range(cfg.users):
             if r < world.joined[u]:
                 continue
@@ -178,6 +184,7 @@ def _run_policy(
             sel = policy.select(state, x, arms, rng_for(did))
             reward = world.reward(r, u, sel.chosen)
             states[u] = state.chose(arms[sel.chosen]).learned(arms[sel.chosen], x, reward)
+            learned += 1
             tally.add(
                 world,
                 r,

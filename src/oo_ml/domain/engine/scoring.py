@@ -318,6 +318,8 @@ class ScoringEngine:
                         self.models.forget(w.user_id, w.policy)
                     else:
                         self.models.put_written(w.user_id, w.policy, rev, w.state, since)
+                if record.policy in self.policies:
+                    self.upkeep.learned(record.policy)  # the prior may be due (data grew)
                 return RewardResult(True, record.policy, record.chosen.arm)
         raise Unavailable(f"state of {record.user_id!r} kept changing; try again")
 

@@ -3,7 +3,9 @@
     sweep    decisions left unrewarded past the window get the default reward
     prune    rewarded decisions past the retention are forgotten, and the oldest rewarded
              ones while the log is over OO_DECISION_LOG_MAX_MB (a warning from 90%)
-    priors   each policy's population prior is recomputed from the users' models
+    priors   each policy's population prior is recomputed from the users' models, on its
+             timer and, while the prior pools every user, as soon as the rewards learned
+             since it was made reach a tenth of those it pooled (`state.prior_due`)
     checkpoint  the store's write-ahead log is folded in and truncated, every minute
 
 Each job has its own interval, its own failure counters and its own backoff, so a job that
@@ -31,7 +33,7 @@ from oo_ml.domain.engine.types import RewardResult
 from oo_ml.domain.features import FEATURE_VERSIONS
 from oo_ml.domain.policies import Policy
 from oo_ml.domain.ports import Store
-from oo_ml.domain.state import PolicyState, population_prior
+from oo_ml.domain.state import PolicyState, population_prior, prior_due
 from oo_ml.errors import NotFound, UnreadableRecord
 
 log = logging.getLogger(__name__)
@@ -47,6 +49,9 @@ _MB = 1024 * 1024
 _WARN_AT = 0.9
 _REFILL = 0.9
 _MAX_BACKOFF_S = 60.0
+# How often the schedule looks again at least (a prior made due by the data's growth
+# waits at most this long).
+_POLL_S = 1.0
 # Consecutive failures after which a job makes the `oo.upkeep` health entry NOT_SERVING.
 UNHEALTHY_AFTER = 3
 
@@ -103,6 +108,10 @@ class Upkeep:
         """The decision log's size at the last prune (rows, bytes on disk)."""
         self.pruned_for_size = 0
         """Rewarded decisions forgotten early to keep the log under OO_DECISION_LOG_MAX_MB."""
+        self._learned: dict[str, int] = {}
+        """Per policy, the rewards this process learned under it since its prior was made."""
+        self._pooled_all: set[str] = set()
+        """Policies whose last prior pooled every user's state (not a sample of them)."""
 
     def add_job(self, name: str, interval_s: float, job: Callable[[], Awaitable[object]]) -> None:
         """One more job on this schedule (the store's own chores, such as pruning the
@@ -182,13 +191,31 @@ class Upkeep:
         self.log_rows, self.log_bytes = rows, size
         return pruned
 
+    def learned(self, policy: str) -> None:
+        """A reward was learned under `policy` (the served one): when the data have grown
+        enough since its prior was made (`state.prior_due`), the prior is refreshed at the
+        schedule's next look instead of at its timer. Only while the prior pools every
+        user: the growth of a sample is not what this process counts. With several
+        workers or replicas each counts its own rewards, so the trigger comes later."""
+        n = self._learned.get(policy, 0) + 1
+        self._learned[policy] = n
+        if policy in self._pooled_all and prior_due(self.models.priors.get(policy), n):
+            status = self._jobs["priors"][0]
+            if status.consecutive_failures == 0:  # a failing job keeps its backoff
+                status.next_at = min(status.next_at, time.monotonic())
+
     async def refresh_priors(self) -> None:
         """Recompute each policy's population prior (`state.population_prior`: per arm, a
         regression of the sampled users' own data pooled, their intercepts integrated out,
         each coefficient's precision set by the evidence; ADR 0021). The store decodes on
         its reader thread and the fit runs on a worker thread, so Score keeps answering."""
         for policy in self.policies.values():
+            self._learned[policy.name] = 0
             states = await self.store.policy_states(policy.name, _PRIOR_SAMPLE)
+            if len(states) < _PRIOR_SAMPLE:
+                self._pooled_all.add(policy.name)
+            else:
+                self._pooled_all.discard(policy.name)
             if states:
                 prior = await asyncio.to_thread(self._prior_of, policy, states)
                 if prior is not None:
@@ -216,6 +243,7 @@ class Upkeep:
                 if now >= status.next_at:
                     await self._run_job(status, job)
             wait = max(min(s.next_at for s in self.status()) - time.monotonic(), 0.01)
+            wait = min(wait, _POLL_S)
             with suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=wait)
 
