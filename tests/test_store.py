@@ -16,6 +16,7 @@ from oo_ml.domain.ports import InsertDecision, MarkRewarded, PutState, StateStor
 from oo_ml.domain.state import PolicyState
 from oo_ml.errors import Conflict
 from oo_ml.stores.memory import MemoryStateStore
+from oo_ml.stores.sqlite import db as sqlite_db
 from oo_ml.stores.sqlite.scoring import SqliteStore
 
 
@@ -155,3 +156,33 @@ async def test_pruning_forgets_old_rewarded_decisions_and_keeps_pending_ones(
     assert await sqlite_store.get_decision("d1") is None
     assert await sqlite_store.get_decision("d2") is not None
     assert await sqlite_store.get_decision("d3") is not None  # pending: kept
+
+
+def test_wal_mode_is_retried_while_another_opener_holds_the_file(tmp_path: Path) -> None:
+    """Switching to WAL can answer "database is locked" at once, without the busy
+    handler, while another process opens the same new file (seen with two workers):
+    the switch is retried, not the start failed. SQLite cannot be made to do that on
+    demand, so the first two answers come from a wrapper around a real connection."""
+    conn = sqlite3.connect(tmp_path / "x.db", isolation_level=None)
+
+    class FlakyAtFirst:
+        refused = 0
+
+        def execute(self, sql: str) -> sqlite3.Cursor:
+            if sql.startswith("PRAGMA journal_mode") and self.refused < 2:
+                self.refused += 1
+                raise sqlite3.OperationalError("database is locked")
+            return conn.execute(sql)
+
+    flaky = FlakyAtFirst()
+    sqlite_db._wal(flaky)  # type: ignore[arg-type]
+    assert flaky.refused == 2
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+    class Broken:
+        def execute(self, sql: str) -> sqlite3.Cursor:
+            raise sqlite3.OperationalError("disk I/O error")
+
+    with pytest.raises(sqlite3.OperationalError, match="disk I/O"):
+        sqlite_db._wal(Broken())  # type: ignore[arg-type]
+    conn.close()

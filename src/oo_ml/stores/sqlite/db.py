@@ -24,6 +24,7 @@ import os
 import queue
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -81,7 +82,7 @@ class SqliteDB:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         # First, so that processes opening the file at once wait for each other.
         conn.execute("PRAGMA busy_timeout=5000")
-        conn.execute("PRAGMA journal_mode=WAL")
+        _wal(conn)
         # FULL: the WAL is fsynced at every commit, which is what makes an answer durable.
         conn.execute("PRAGMA synchronous=FULL")
         # Under the write lock, version read included: processes opening a new file at
@@ -248,3 +249,23 @@ class SqliteDB:
         await asyncio.to_thread(self._thread.join)
         if self._reader is not None:
             await asyncio.to_thread(self._reader.join)
+
+
+_WAL_WITHIN_S = 30.0
+
+
+def _wal(conn: sqlite3.Connection) -> None:
+    """Put the file in WAL mode. Switching takes an exclusive lock, and SQLite answers
+    "database is locked" at once, without the busy handler, when another connection
+    (another worker opening the same new file) holds a lock meanwhile: retried briefly."""
+    deadline = time.monotonic() + _WAL_WITHIN_S
+    pause = 0.005
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() + pause > deadline:
+                raise
+        time.sleep(pause)
+        pause = min(pause * 2, 0.2)
