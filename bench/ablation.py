@@ -1,0 +1,141 @@
+"""Where Score's time goes: `oo-ml serve` with one piece cut out, beside a bare echo.
+
+Each variant is the real server with one part replaced at start (monkeypatched in the
+server's own process, never in oo-ml's code):
+
+- `full`: oo-ml as users run it (`--no-ingest`);
+- `nolog`: decisions are not logged (no decision-log buffer, no writer thread work);
+- `const`: the Score handler returns a prebuilt ten-candidate response: what is left is
+  grpc.aio, oo-ml's edge guard (auth, deadline, metrics) and the response's encoding;
+- `echo`: `bench.echo`, the bare grpc.aio floor.
+
+The same h2load load as `bench.transport` (4 processes x 1 connection, each its own user
+and body), interleaved rounds, medians, and the server's CPU per request:
+
+    python -m bench.ablation --variants echo,full,nolog,const --rounds 3
+
+Cutting pieces out changes what the server does, so these servers are for measuring
+only; `bench.transport` measures oo-ml as it is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+
+VARIANTS = ("full", "nolog", "const", "echo")
+
+
+def serve(variant: str, argv: list[str]) -> int:
+    """Run `oo-ml serve argv` with `variant`'s piece cut out."""
+    from oo.scoring.v1 import scoring_pb2 as pb
+
+    if variant in ("nolog", "const"):
+        from oo_ml.domain.engine import decision_log
+
+        def no_log(self: object, record: object) -> None:
+            return None
+
+        decision_log.DecisionLog.append = no_log  # type: ignore[assignment,method-assign]
+    if variant == "const":
+        from oo_ml.edge import service
+
+        response = pb.ScoreResponse(
+            decision_id="0" * 24,
+            chosen_tip_id="tip-0",
+            ranking=[
+                pb.ScoredCandidate(tip_id=f"tip-{i}", arm=f"arm-{i}", score=0.5, propensity=0.1)
+                for i in range(10)
+            ],
+            policy="egreedy-v2",
+            feature_version="v2",
+            features=[pb.FeatureValue(name=f"f{i}", value=0.5, origin=1) for i in range(9)],
+        )
+
+        async def fixed(self: object, request: object, context: object) -> pb.ScoreResponse:
+            return response
+
+        service.ScoringService.Score = fixed  # type: ignore[assignment,method-assign]
+    from oo_ml.cli import main
+
+    return main(["serve", *argv])
+
+
+def run(variants: list[str], rounds: int, seconds: float) -> None:
+    from bench import h2load
+    from bench.transport import ECHO_METHOD, SERVICE, score_request, start, warm_oo_ml
+
+    py = sys.executable
+    servers = {}
+    for v in variants:
+        if v == "echo":
+            servers[v] = start(v, "echo", [py, "-m", "bench.echo"])
+        else:
+            args = [py, "-m", "bench.ablation", "--serve", v, "--port", "0"]
+            servers[v] = start(v, "oo-ml", [*args, "--policy", "egreedy-v2", "--no-ingest"])
+            warm_oo_ml(servers[v], range(2000), ["egreedy-v2"])
+    binary = h2load.ensure_h2load()
+    results: dict[str, list[tuple[float, float, float]]] = {v: [] for v in variants}
+    try:
+        for r in range(rounds):
+            for v in variants:
+                s = servers[v]
+                method = ECHO_METHOD if v == "echo" else SERVICE + "Score"
+                slots = [
+                    [
+                        h2load.Segment(
+                            url=s.url(method),
+                            body=h2load.grpc_frame(
+                                score_request(100 * c + 10 * r + j, "egreedy-v2")
+                            ),
+                            headers=h2load.GRPC_HEADERS,
+                        )
+                        for j in range(5)
+                    ]
+                    for c in range(4)
+                ]
+                cpu0 = s.cpu_s()
+                out = h2load.run(slots, seconds, binary)
+                s.check_alive()
+                ms = 1000 * (s.cpu_s() - cpu0) / max(1, out.ok_2xx)
+                cores = out.h2load_cpu_s / out.wall_s
+                results[v].append((out.qps, ms, cores))
+                print(
+                    f"  r{r} {v:<6} {out.qps:8.0f} qps  server {ms:.3f} ms/req"
+                    f"  h2load {cores:.2f} cores  non-2xx {out.non_2xx}",
+                    flush=True,
+                )
+    finally:
+        for s in servers.values():
+            s.stop()
+    base = statistics.median(q for q, _, _ in results["echo"]) if "echo" in results else None
+    print("\n| variant | QPS (median) | × echo | server CPU ms/req |\n|---|---|---|---|")
+    for v in variants:
+        qps = statistics.median(q for q, _, _ in results[v])
+        ms = statistics.median(m for _, m, _ in results[v])
+        ratio = f"{qps / base:.2f}" if base else ""
+        print(f"| {v} | {qps:.0f} | {ratio} | {ms:.3f} |")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--serve"]:
+        return serve(argv[1], argv[2:])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--variants", default="echo,full,nolog,const")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--seconds", type=float, default=5.0)
+    ns = ap.parse_args(argv)
+    variants = ns.variants.split(",")
+    unknown = set(variants) - set(VARIANTS)
+    if unknown:
+        ap.error(f"unknown variants {sorted(unknown)}; known: {', '.join(VARIANTS)}")
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    run(variants, ns.rounds, ns.seconds)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
