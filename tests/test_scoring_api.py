@@ -156,6 +156,23 @@ async def test_reward_joins_the_decision_once(server: Running) -> None:
     assert stats.decisions == 1 and stats.rewarded == 1 and stats.pending == 0
 
 
+async def test_concurrent_rewards_of_one_decision_apply_once(server: Running) -> None:
+    """Twenty rewards of one decision at once: one applies, the model learns once. (The
+    first to take the user's lock skips its second read; the others wait and re-read, or
+    fail the commit's once-only condition and re-read.)"""
+    for round_ in range(5):
+        resp = await server.stub.Score(score_request(user=f"c{round_}"))
+        answers = await asyncio.gather(
+            *(
+                server.stub.Reward(pb.RewardRequest(decision_id=resp.decision_id, reward=1))
+                for _ in range(20)
+            )
+        )
+        assert sum(a.applied for a in answers) == 1
+        stats = await server.stub.Stats(pb.StatsRequest(user_id=f"c{round_}"))
+        assert stats.rewarded == 1 and sum(a.rewarded for a in stats.arms) == 1
+
+
 async def test_unknown_decision_is_not_found(server: Running) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await server.stub.Reward(pb.RewardRequest(decision_id="no-such-decision", reward=1))

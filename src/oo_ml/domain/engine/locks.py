@@ -19,12 +19,15 @@ class KeyedLocks:
         return len(self._locks)
 
     @asynccontextmanager
-    async def hold(self, key: str) -> AsyncIterator[None]:
+    async def hold(self, key: str) -> AsyncIterator[bool]:
+        """Hold the key's lock; yields whether it had to wait for it (False: nobody held
+        or awaited it, so nothing of this process ran between the call and the hold)."""
         lock, users = self._locks.setdefault(key, (asyncio.Lock(), [0]))
         users[0] += 1
         try:
+            waited = users[0] > 1
             async with lock:
-                yield
+                yield waited
         finally:
             users[0] -= 1
             if users[0] == 0:

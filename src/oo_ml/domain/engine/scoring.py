@@ -281,10 +281,16 @@ class ScoringEngine:
                 f"decision {decision_id!r} is {now - record.created_at:.0f}s old; rewards are accepted"
                 f" for {self.config.reward_window_s:.0f}s"
             )
-        async with self.locks.hold(record.user_id):
+        async with self.locks.hold(record.user_id) as waited:
             pause = _FIRST_PAUSE_S
-            for _ in range(_CAS_ATTEMPTS):
-                current = await self.store.get_decision(decision_id)
+            for attempt in range(_CAS_ATTEMPTS):
+                # Read again, unless the lock was free: then nothing of this process ran
+                # since the read above (no await between them), and another process's
+                # write of the decision fails the commit's once-only condition (Conflict),
+                # after which it is read again. One store read fewer per reward.
+                current = first if attempt == 0 and not waited else None
+                if current is None:
+                    current = await self.store.get_decision(decision_id)
                 if current is None:
                     raise NotFound(f"decision {decision_id!r} not found (the user was reset)")
                 if current.reward.reward is not None:
