@@ -348,6 +348,57 @@ async def test_a_reward_replayed_after_a_crash_is_not_learned_twice(nats_url: st
     await nc.close()
 
 
+async def test_a_crashed_reward_is_remembered_past_many_later_rewards(nats_url: str) -> None:
+    """The same crash window, then 100 more rewards of the model (more than its header's
+    64 ids) before the sweeper's default reward of the crashed decision a day later: the
+    model still remembers it (ids whose marks are written make room), so it is not
+    taught twice."""
+    store, nc = await open_nats(nats_url)
+    r = rec(1)
+    await store.commit([InsertDecision(r)])
+    rev = await store.compare_and_set("u", "p", 0, st(0))
+    assert rev is not None
+    real_publish = store.js.publish
+
+    async def crash(subject: str, *args: object, **kw: object) -> object:
+        if subject.endswith(".r." + r.decision_id):
+            raise ConnectionError("killed")
+        return await real_publish(subject, *args, **kw)  # type: ignore[arg-type]
+
+    store.js.publish = crash  # type: ignore[method-assign]
+    with pytest.raises(Exception, match="killed"):
+        await store.commit(
+            [MarkRewarded(r.decision_id, 1.0, 200.0, "explicit"), PutState("u", "p", rev, st(1))]
+        )
+    store.js.publish = real_publish  # type: ignore[method-assign]
+    later = [rec(100 + i) for i in range(100)]
+    await store.commit([InsertDecision(d) for d in later])
+    for i, d in enumerate(later):
+        current = await store.get("u", "p")
+        assert current is not None
+        revs = await store.commit(
+            [
+                MarkRewarded(d.decision_id, 1.0, 300.0, "explicit"),
+                PutState("u", "p", current.revision, st(2 + i)),
+            ]
+        )
+        assert ("u", "p") in revs
+    taught = await store.get("u", "p")
+    assert taught is not None and taught.state == st(101)
+    revs = await store.commit(
+        [
+            MarkRewarded(r.decision_id, 0.0, 90000.0, "default"),
+            PutState("u", "p", taught.revision, st(999)),
+        ]
+    )
+    assert ("u", "p") not in revs  # remembered: not taught again
+    after = await store.get("u", "p")
+    assert after is not None and after.state == st(101)
+    got = await store.get_decision(r.decision_id)
+    assert got is not None and got.reward.source == "default"
+    await nc.close()
+
+
 async def test_two_processes_share_models_decisions_and_rewards(nats_url: str) -> None:
     a, nca = await open_nats(nats_url)
     b, ncb = await open_nats(nats_url)

@@ -120,12 +120,12 @@ _L = "oo.ledger"
 _MAGIC = b"OOm1"
 _RECENT_REWARDS = 64
 _KNOWN_USERS_MAX = 100_000
-"""Decision ids a model remembers having learned: a replay of a reward within the last
-64 rewards of the same model is recognised (a client's retry comes seconds after, not
-hundreds of rewards later); a replay of a marked reward is caught by the write-once mark.
-Not caught: a reward whose mark was never written (a crash between the model's CAS and
-the mark) and that comes back after 64 more rewards of that model, such as the sweeper's
-default reward a day later (ADR 0018, Consequences)."""
+"""Decision ids a model remembers having learned (its header): a replay of a reward whose
+mark is written is caught by the write-once mark; one whose mark is not (a crash between
+the model's CAS and the mark) by the header. A full header keeps only the ids whose marks
+are missing (`_unmarked`), so such an id stays until its mark is written, by a retry or
+the sweeper's default reward a day later. Only 64 unmarked ids in one model (64 crashes
+in that window) would push the oldest out (ADR 0018, Consequences)."""
 _NATS_ERRORS: tuple[type[BaseException], ...] = (
     nats.errors.Error,
     nats.js.errors.Error,
@@ -441,6 +441,8 @@ class NatsStore:
                 recent = decode_model(found[1])[1]
                 if marker in recent:
                     continue
+                if len(recent) >= _RECENT_REWARDS:
+                    recent = await self._unmarked(recent)
             rev = await self._put_if(
                 self.models, key, encode_model(w.state, [*recent, marker]), w.revision
             )
@@ -501,6 +503,17 @@ class NatsStore:
         self._tally_dirty = True
         await self._write_tally()
         return revisions
+
+    async def _unmarked(self, ids: Sequence[bytes]) -> list[bytes]:
+        """Of a full model header, the ids whose reward mark is not written (in order):
+        those whose mark is written need no remembering, the mark catches their replays.
+        An id left without its mark (a crash between the CAS and the mark) so stays in
+        the header until a replay or the sweeper writes the mark, however many rewards
+        the model learns meanwhile. Ids that are hashes (not oo-ml's) cannot be looked
+        up and are kept, as every id is once 64 are unmarked (the oldest go first)."""
+        subjects = {i: f"{_D}.r.{i.hex()}" for i in ids}
+        marked = await kvs.get_many(self.nc, DECISIONS, list(subjects.values()))
+        return [i for i in ids if subjects[i] not in marked]
 
     async def _write_tally(self) -> None:
         """Write this process's tally, if it changed. Only this process writes its key."""
