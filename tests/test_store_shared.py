@@ -308,27 +308,35 @@ async def test_policy_totals_while_the_broker_is_away_are_transient(tmp_path: Pa
         await nc.close()
 
 
-async def test_a_reward_replayed_after_a_crash_is_not_learned_twice(nats_url: str) -> None:
-    """The crash window between a model's CAS and the decision's mark: the model has
-    learned the reward, the decision looks pending. The replay must not teach it again."""
-    store, nc = await open_nats(nats_url)
-    r = rec(1)
+async def crash_between_model_and_mark(store: NatsStore, r: DecisionRecord) -> None:
+    """Log `r`, give "u" a model, then reward `r` with the process dying after the
+    model's CAS and before the decision's mark (the mark's publish fails)."""
     await store.commit([InsertDecision(r)])
     rev = await store.compare_and_set("u", "p", 0, st(0))
     assert rev is not None
-    # The first attempt: the model's CAS lands, then the process dies before the mark.
     real_publish = store.js.publish
 
     async def crash(subject: str, *args: object, **kw: object) -> object:
-        if ".r." in subject:
+        if subject.endswith(".r." + r.decision_id):
             raise ConnectionError("killed")
         return await real_publish(subject, *args, **kw)  # type: ignore[arg-type]
 
     store.js.publish = crash  # type: ignore[method-assign]
     writes = [MarkRewarded(r.decision_id, 1.0, 200.0, "explicit"), PutState("u", "p", rev, st(1))]
-    with pytest.raises(Exception, match="killed"):
-        await store.commit(writes)
-    store.js.publish = real_publish  # type: ignore[method-assign]
+    try:
+        with pytest.raises(Exception, match="killed"):
+            await store.commit(writes)
+    finally:
+        store.js.publish = real_publish  # type: ignore[method-assign]
+
+
+async def test_a_reward_replayed_after_a_crash_is_not_learned_twice(nats_url: str) -> None:
+    """The crash window between a model's CAS and the decision's mark: the model has
+    learned the reward, the decision looks pending. The replay must not teach it again."""
+    store, nc = await open_nats(nats_url)
+    r = rec(1)
+    # The first attempt: the model's CAS lands, then the process dies before the mark.
+    await crash_between_model_and_mark(store, r)
     taught = await store.get("u", "p")
     assert taught is not None and taught.state == st(1)
     got = await store.get_decision(r.decision_id)
@@ -355,22 +363,7 @@ async def test_a_crashed_reward_is_remembered_past_many_later_rewards(nats_url: 
     taught twice."""
     store, nc = await open_nats(nats_url)
     r = rec(1)
-    await store.commit([InsertDecision(r)])
-    rev = await store.compare_and_set("u", "p", 0, st(0))
-    assert rev is not None
-    real_publish = store.js.publish
-
-    async def crash(subject: str, *args: object, **kw: object) -> object:
-        if subject.endswith(".r." + r.decision_id):
-            raise ConnectionError("killed")
-        return await real_publish(subject, *args, **kw)  # type: ignore[arg-type]
-
-    store.js.publish = crash  # type: ignore[method-assign]
-    with pytest.raises(Exception, match="killed"):
-        await store.commit(
-            [MarkRewarded(r.decision_id, 1.0, 200.0, "explicit"), PutState("u", "p", rev, st(1))]
-        )
-    store.js.publish = real_publish  # type: ignore[method-assign]
+    await crash_between_model_and_mark(store, r)
     later = [rec(100 + i) for i in range(100)]
     await store.commit([InsertDecision(d) for d in later])
     for i, d in enumerate(later):
