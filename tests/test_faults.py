@@ -25,9 +25,15 @@ from pathlib import Path
 
 import grpc
 import nats
+import nats.js.errors
+import pytest
 
 from oo.scoring.v1 import scoring_pb2 as pb
 from oo_ml.domain.rng import decision_time
+from oo_ml.errors import TransientStoreError
+from oo_ml.schema.contracts import ALL_FEATURES
+from oo_ml.stores.nats import kv as kvs
+from oo_ml.stores.nats.profiles import NatsProfileStore
 from oo_ml.stores.nats.scoring import NatsStore
 from tests import natscluster
 from tests.conftest import oo_ml_bin
@@ -378,5 +384,35 @@ async def test_a_replica_started_before_the_cluster_has_quorum_waits_for_it(
             assert await store.get("nobody", "egreedy-v2") is None
             info = await store.js.stream_info("OO_DECISIONS")
             assert info.config.num_replicas == 3
+        finally:
+            await nc.close()
+
+
+async def test_a_placement_refusal_is_waited_out_then_reported(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """While nodes are down or (re)joining, a meta leader may answer but refuse to place an
+    R3 bucket: "no suitable peers for placement", a 400. Set-up must wait that out like any
+    not-ready answer, never read the 400 as "another replica created it". Five replicas on
+    three nodes is that refusal made permanent: set-up retries for its window, then fails
+    with the server's own reason (what an operator sees when OO_NATS_REPLICAS exceeds the
+    cluster)."""
+    monkeypatch.setattr(kvs, "SETUP_WITHIN_S", 2.0)
+    async with three_nodes(tmp_path / "nats") as topology:
+        nc = await nats.connect(topology.nodes[0].url)
+        try:
+            started = time.monotonic()
+            with pytest.raises(nats.js.errors.BadRequestError) as refused:
+                await NatsStore.open(nc, replicas=5)
+            assert refused.value.err_code == kvs.NO_PEERS
+            assert time.monotonic() - started >= 1.5
+            retries = [r for r in caplog.records if "JetStream not ready" in r.getMessage()]
+            assert len(retries) >= 2
+            assert "no suitable peers" in retries[0].getMessage()
+            # The profile store's index stream too (its bucket found, made with 3).
+            profiles = NatsProfileStore(nc, 600.0, ALL_FEATURES, replicas=5)
+            await kvs.ensure_bucket(profiles.js, profiles.bucket, replicas=3)
+            with pytest.raises(TransientStoreError, match="no suitable peers"):
+                await profiles.ensure_schema()
         finally:
             await nc.close()

@@ -32,7 +32,7 @@ import nats.js.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import KeyValueConfig, StorageType
+from nats.js.api import KeyValueConfig, StorageType, StreamConfig, StreamInfo
 from nats.js.kv import KeyValue
 
 from oo_ml.errors import Conflict
@@ -78,24 +78,40 @@ _NOT_READY = (
     nats.errors.NoRespondersError,
     nats.js.errors.ServiceUnavailableError,
 )
+# "no suitable peers for placement" (a 400): a meta leader exists but knows too few peers to
+# be up to place every replica. It answers so while nodes are down or still (re)joining the
+# meta group, and stops once they are back, so it is waited out like the errors above.
+NO_PEERS = 10005
 
 
-async def settled(
-    step: Callable[[], Awaitable[T]], what: str, within_s: float = SETUP_WITHIN_S
-) -> T:
-    """`step()`, repeated while JetStream is not ready, for up to `within_s`.
+def not_ready(e: BaseException) -> bool:
+    """Whether a JetStream API call failed only because the cluster cannot answer yet."""
+    if isinstance(e, _NOT_READY):
+        return True
+    return isinstance(e, nats.js.errors.APIError) and e.err_code == NO_PEERS
+
+
+async def settled(step: Callable[[], Awaitable[T]], what: str, within_s: float | None = None) -> T:
+    """`step()`, repeated while JetStream is not ready, for up to `within_s` (default
+    `SETUP_WITHIN_S`).
 
     Only for idempotent set-up (find-or-create): a timed-out create may have happened,
     and the next attempt finds it. Pauses double from 0.25 s to 4 s."""
-    deadline = time.monotonic() + within_s
+    deadline = time.monotonic() + (SETUP_WITHIN_S if within_s is None else within_s)
     pause = 0.25
     while True:
         try:
             return await step()
-        except _NOT_READY as e:
-            if time.monotonic() + pause > deadline:
+        except Exception as e:
+            if not not_ready(e) or time.monotonic() + pause > deadline:
                 raise
-            log.warning("%s: JetStream not ready (%r); retrying in %.2f s", what, e, pause)
+            log.warning(
+                "%s: JetStream not ready (%s: %s); retrying in %.2f s",
+                what,
+                type(e).__name__,
+                e,
+                pause,
+            )
         await asyncio.sleep(pause)
         pause = min(pause * 2, 4.0)
 
@@ -133,9 +149,35 @@ async def _ensure_bucket(
     )
     try:
         return await js.create_key_value(config=config)
-    except nats.js.errors.BadRequestError:
-        # Another replica created it between our two calls.
-        return await js.key_value(name)
+    except nats.js.errors.BadRequestError as e:
+        # Another replica may have created it between our two calls; if not, the refusal
+        # itself is the answer (`settled` waits out a placement failure).
+        try:
+            return await js.key_value(name)
+        except nats.js.errors.BucketNotFoundError:
+            raise e from None
+
+
+async def ensure_stream(js: JetStreamContext, config: StreamConfig) -> StreamInfo:
+    """The stream's info, created from `config` if it does not exist (an existing stream is
+    left as it is); retried while JetStream is not ready (`settled`)."""
+    assert config.name is not None
+    return await settled(lambda: _find_or_add_stream(js, config), f"stream {config.name}")
+
+
+async def _find_or_add_stream(js: JetStreamContext, config: StreamConfig) -> StreamInfo:
+    assert config.name is not None
+    try:
+        return await js.stream_info(config.name)
+    except nats.js.errors.NotFoundError:
+        pass
+    try:
+        return await js.add_stream(config)
+    except nats.js.errors.BadRequestError as e:
+        try:
+            return await js.stream_info(config.name)  # another replica made it meanwhile
+        except nats.js.errors.NotFoundError:
+            raise e from None
 
 
 async def get(kv: KeyValue, key: str) -> tuple[int, bytes] | None:

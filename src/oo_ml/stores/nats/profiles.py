@@ -191,13 +191,7 @@ class NatsProfileStore(CachedFeatures):
             num_replicas=self.replicas,
             allow_direct=True,
         )
-        try:
-            info = await self.js.stream_info(self.index_stream)
-        except nats.js.errors.NotFoundError:
-            # BadRequest: another replica created it between our two calls.
-            with contextlib.suppress(nats.js.errors.BadRequestError):
-                await self.js.add_stream(config)
-            return
+        info = await kvs.ensure_stream(self.js, config)
         if info.config.max_age != config.max_age:
             # The dedupe window changed: the backstop follows it.
             await self.js.update_stream(info.config.evolve(max_age=config.max_age))

@@ -267,7 +267,7 @@ class NatsStore:
         buckets[GENERATIONS] = await kvs.ensure_bucket(
             js, GENERATIONS, replicas=replicas, ttl_s=retention_s
         )
-        await _ensure_stream(
+        await kvs.ensure_stream(
             js,
             StreamConfig(
                 name=DECISIONS,
@@ -281,7 +281,7 @@ class NatsStore:
                 duplicate_window=120.0,
             ),
         )
-        await _ensure_stream(
+        await kvs.ensure_stream(
             js,
             StreamConfig(
                 name=LEDGER,
@@ -923,23 +923,6 @@ async def _acks(futures: list[asyncio.Future[Any]]) -> list[Any]:
 
 def _subject_safe(decision_id: str) -> bool:
     return bool(decision_id) and all(c.isalnum() or c in "-_" for c in decision_id)
-
-
-async def _ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
-    """The stream, created if it does not exist; retried while JetStream is not ready."""
-    assert config.name is not None
-    await kvs.settled(lambda: _find_or_add_stream(js, config), f"stream {config.name}")
-
-
-async def _find_or_add_stream(js: JetStreamContext, config: StreamConfig) -> None:
-    assert config.name is not None
-    try:
-        await js.stream_info(config.name)
-    except nats.js.errors.NotFoundError:
-        try:
-            await js.add_stream(config)
-        except nats.js.errors.BadRequestError:
-            await js.stream_info(config.name)  # another replica made it meanwhile
 
 
 class ModelChanges:
