@@ -9,6 +9,14 @@ server's own process, never in oo-ml's code):
   grpc.aio, oo-ml's edge guard (auth, deadline, metrics) and the response's encoding;
 - `echo`: `bench.echo`, the bare grpc.aio floor.
 
+And the decision log's writer, piece by piece (SQLite store):
+
+- `nocommit`: decisions are buffered and flushed as usual, but their commit returns at
+  once, never reaching the writer thread;
+- `nowrite`: the commit runs on the writer thread (transaction and all) but inserts nothing;
+- `noencode`: the rows are inserted with a constant 300-byte blob (no encoding);
+- `nozlib`: the blob is encoded but not compressed.
+
 The same h2load load as `bench.transport` (4 processes x 1 connection, each its own user
 and body), interleaved rounds, medians, and the server's CPU per request:
 
@@ -24,8 +32,9 @@ import argparse
 import os
 import statistics
 import sys
+from typing import Any
 
-VARIANTS = ("full", "nolog", "const", "echo")
+VARIANTS = ("full", "nolog", "const", "echo", "nocommit", "nowrite", "noencode", "nozlib")
 
 
 def serve(variant: str, argv: list[str]) -> int:
@@ -39,6 +48,35 @@ def serve(variant: str, argv: list[str]) -> int:
             return None
 
         decision_log.DecisionLog.append = no_log  # type: ignore[assignment,method-assign]
+    if variant == "nocommit":
+        from oo_ml.domain.ports import InsertDecision
+        from oo_ml.stores.sqlite.scoring import SqliteStore
+
+        commit = SqliteStore.commit
+
+        async def decisions_skipped(self: SqliteStore, writes: Any) -> Any:
+            if all(isinstance(w, InsertDecision) for w in writes):
+                return {}
+            return await commit(self, writes)
+
+        SqliteStore.commit = decisions_skipped  # type: ignore[method-assign]
+    if variant == "nowrite":
+        from oo_ml.stores.sqlite import scoring
+
+        scoring._insert_decisions = lambda conn, records: None
+    if variant == "noencode":
+        from oo_ml.stores.sqlite import scoring
+
+        scoring.encode_decision = lambda record: b"x" * 300  # type: ignore[attr-defined,assignment]
+    if variant == "nozlib":
+        from oo_ml.stores import codec
+
+        class Stored:
+            @staticmethod
+            def compress(data: bytes, level: int) -> bytes:
+                return data
+
+        codec.zlib = Stored  # type: ignore[attr-defined,assignment]
     if variant == "const":
         from oo_ml.edge import service
 

@@ -181,6 +181,41 @@ async def test_pulls_pending_and_totals_count_the_log(store: Store) -> None:
         )
 
 
+async def test_a_large_group_commit_lands_every_decision_in_order(store: Store) -> None:
+    """One commit of 1,100 decisions, as the decision log makes after a stall (the SQLite
+    store inserts runs of them by multi-row statements of several sizes), with a shadow
+    view between them: every decision reads back, every pull is counted, and the view
+    lands beside its decision."""
+    users, arms = ("u", "v", "w"), ("a", "b", "c", "d")
+    first = [rec(i, user=users[i % 3], arm=arms[i % 4]) for i in range(600)]
+    second = [rec(i, user=users[i % 3], arm=arms[i % 4]) for i in range(600, 1100)]
+    view = ShadowView("lints", "a", 0.5, (0.5, 0.5), (0.25, 0.5))
+    await store.commit(
+        [
+            *(InsertDecision(r) for r in first),
+            AttachShadows(first[5].decision_id, (view,), {"v1": np.ones(7)}),
+            *(InsertDecision(r) for r in second),
+        ]
+    )
+    for r in (*first, *second)[::37]:
+        got = await store.get_decision(r.decision_id)
+        assert got is not None and got.record.created_at == r.created_at
+        assert got.record.user_id == r.user_id and got.record.chosen.arm == r.chosen.arm
+    last = await store.get_decision(second[-1].decision_id)
+    assert last is not None and last.record.user_id == second[-1].user_id
+    shadowed = await store.get_decision(first[5].decision_id)
+    assert shadowed is not None and shadowed.record.shadows == (view,)
+    for u, user in enumerate(users):
+        expected = {
+            arm: sum(1 for i in range(1100) if i % 3 == u and i % 4 == a)
+            for a, arm in enumerate(arms)
+        }
+        assert await store.pulls(user, "p") == expected
+    # And pulls add to what a table already holds.
+    await store.commit([InsertDecision(rec(5000, user="u", arm="a"))])
+    assert (await store.pulls("u", "p"))["a"] == 93
+
+
 async def test_off_policy_sums_add_up(store: Store) -> None:
     for i, (w, r) in enumerate(((2.0, 1.0), (0.5, 0.0))):
         d = rec(i)

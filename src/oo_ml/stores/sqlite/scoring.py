@@ -8,14 +8,15 @@ event loop never decodes a blob. A row that does not decode raises `UnreadableRe
 
 from __future__ import annotations
 
+import functools
 import logging
 import sqlite3
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from oo_ml.domain.decisions import RewardState
+from oo_ml.domain.decisions import DecisionRecord, RewardState
 from oo_ml.domain.ports import (
     EVERY_POLICY,
     AddOffPolicy,
@@ -162,6 +163,68 @@ MIGRATIONS: list[str] = [
 ]
 
 
+# A run of decisions is inserted by multi-row statements of these sizes (largest first):
+# each size's statement is prepared once and cached, and a group commit of n decisions
+# steps SQLite about log2(n) times instead of twice per decision. Each step releases and
+# retakes the GIL, and under load a handoff with the busy event loop costs far more than
+# the step's own work (bench/results/writer-2026-12-03.md).
+_CHUNKS = (512, 256, 128, 64, 32, 16, 8, 4, 2, 1)
+
+
+@functools.cache
+def _multi_row(head: str, row: str, n: int, tail: str = "") -> str:
+    return f"{head} VALUES {', '.join([row] * n)}{tail}"
+
+
+def _chunks(n: int) -> Iterator[tuple[int, int]]:
+    """(start, size) pieces of n rows, in the sizes of `_CHUNKS`."""
+    start = 0
+    for size in _CHUNKS:
+        while n - start >= size:
+            yield start, size
+            start += size
+
+
+def _insert_decisions(conn: sqlite3.Connection, records: Sequence[DecisionRecord]) -> None:
+    """The decisions' rows and their pulls (counted per arm), in a few statements."""
+    rows: list[object] = []
+    pulls: dict[tuple[str, str, str], int] = {}
+    for r in records:
+        arm = r.chosen.arm
+        rows += (
+            r.decision_id,
+            r.user_id,
+            r.policy,
+            r.created_at,
+            arm,
+            r.chosen.prompt_version,
+            encode_decision(r),
+        )
+        key = (r.user_id, r.policy, arm)
+        pulls[key] = pulls.get(key, 0) + 1
+    for start, size in _chunks(len(records)):
+        conn.execute(
+            _multi_row(
+                "INSERT INTO decisions (decision_id, user_id, policy, created_at, chosen_arm,"
+                " prompt_version, data)",
+                "(?, ?, ?, ?, ?, ?, ?)",
+                size,
+            ),
+            rows[7 * start : 7 * (start + size)],
+        )
+    counts = [v for (user_id, policy, arm), n in pulls.items() for v in (user_id, policy, arm, n)]
+    for start, size in _chunks(len(pulls)):
+        conn.execute(
+            _multi_row(
+                "INSERT INTO pulls (user_id, policy, arm, n)",
+                "(?, ?, ?, ?)",
+                size,
+                " ON CONFLICT (user_id, policy, arm) DO UPDATE SET n = n + excluded.n",
+            ),
+            counts[4 * start : 4 * (start + size)],
+        )
+
+
 def _apply(
     conn: sqlite3.Connection, w: Write, revisions: dict[tuple[str, str], int], origin: int
 ) -> None:
@@ -194,24 +257,7 @@ def _apply(
             revisions[(user_id, policy)] = new_revision
             changes.note(conn, origin, user_id, policy, new_revision)
         case InsertDecision(r):
-            conn.execute(
-                "INSERT INTO decisions (decision_id, user_id, policy, created_at, chosen_arm,"
-                " prompt_version, data) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (
-                    r.decision_id,
-                    r.user_id,
-                    r.policy,
-                    r.created_at,
-                    r.chosen.arm,
-                    r.chosen.prompt_version,
-                    encode_decision(r),
-                ),
-            )
-            conn.execute(
-                "INSERT INTO pulls (user_id, policy, arm, n) VALUES (?, ?, ?, 1)"
-                " ON CONFLICT (user_id, policy, arm) DO UPDATE SET n = n + 1",
-                (r.user_id, r.policy, r.chosen.arm),
-            )
+            _insert_decisions(conn, [r])
         case AttachShadows(decision_id, views, vectors):
             # Only beside a decision still logged (not reset or dropped meanwhile).
             conn.execute(
@@ -328,8 +374,17 @@ class SqliteStore:
 
         def tx(conn: sqlite3.Connection) -> dict[tuple[str, str], int]:
             revisions: dict[tuple[str, str], int] = {}
+            run: list[DecisionRecord] = []  # consecutive decisions, inserted together
             for w in writes:
+                if isinstance(w, InsertDecision):
+                    run.append(w.record)
+                    continue
+                if run:
+                    _insert_decisions(conn, run)
+                    run = []
                 _apply(conn, w, revisions, origin)
+            if run:
+                _insert_decisions(conn, run)
             return revisions
 
         return await self.db.run(tx)
