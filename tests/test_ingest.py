@@ -186,13 +186,15 @@ async def test_feedback_rewards_its_decision(harness: Harness) -> None:
 
     async def rewarded() -> None:
         assert await harness.rewarded() == 1
+        # The reward commits first, the event's profile effects after it (effects.py).
+        features = await harness.ingest.feature_store().stored_features("u1", time.time())
+        assert "completion_rate_30d" in features
+        assert features["completion_rate_30d"].value == 1.0
 
     await assert_eventually(rewarded, 5)
     c = harness.ingest.counters
     assert c.rewards_applied == 1 and c.dead_lettered == 0
     assert await harness.health_status() == health_pb2.HealthCheckResponse.SERVING
-    features = await harness.ingest.feature_store().stored_features("u1", time.time())
-    assert features["completion_rate_30d"].value == 1.0
 
 
 async def test_an_event_published_three_times_applies_once(harness: Harness) -> None:
