@@ -17,6 +17,7 @@ from oo_ml.domain.state import PolicyState
 from oo_ml.errors import Conflict
 from oo_ml.stores.memory import MemoryStateStore
 from oo_ml.stores.sqlite import db as sqlite_db
+from oo_ml.stores.sqlite import scoring
 from oo_ml.stores.sqlite.scoring import SqliteStore
 
 
@@ -186,3 +187,22 @@ def test_wal_mode_is_retried_while_another_opener_holds_the_file(tmp_path: Path)
     with pytest.raises(sqlite3.OperationalError, match="disk I/O"):
         sqlite_db._wal(Broken())  # type: ignore[arg-type]
     conn.close()
+
+
+async def test_decisions_are_inserted_within_an_old_sqlites_parameter_limit(
+    tmp_path: Path,
+) -> None:
+    """The multi-row inserts stay within the library's bound-parameter limit, which SQLite
+    builds before 3.32 set at 999 (7 a decision: 142 decisions a statement at most)."""
+    store = SqliteStore.open(tmp_path / "s.db")
+    await store.close()
+    conn = sqlite3.connect(tmp_path / "s.db", isolation_level=None)
+    try:
+        conn.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 999)
+        conn.execute("BEGIN")
+        scoring._insert_decisions(conn, [decision(i).record for i in range(1100)])
+        conn.execute("COMMIT")
+        assert conn.execute("SELECT count(*) FROM decisions").fetchone()[0] == 1100
+        assert conn.execute("SELECT n FROM pulls WHERE user_id = 'u'").fetchone()[0] == 1100
+    finally:
+        conn.close()

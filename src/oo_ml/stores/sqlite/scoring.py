@@ -176,10 +176,12 @@ def _multi_row(head: str, row: str, n: int, tail: str = "") -> str:
     return f"{head} VALUES {', '.join([row] * n)}{tail}"
 
 
-def _chunks(n: int) -> Iterator[tuple[int, int]]:
-    """(start, size) pieces of n rows, in the sizes of `_CHUNKS`."""
+def _chunks(n: int, per_row: int, conn: sqlite3.Connection) -> Iterator[tuple[int, int]]:
+    """(start, size) pieces of n rows, in the sizes of `_CHUNKS` that stay within the
+    library's limit on bound parameters (999 in SQLite builds before 3.32)."""
+    largest = conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // per_row
     start = 0
-    for size in _CHUNKS:
+    for size in (s for s in _CHUNKS if s <= largest):
         while n - start >= size:
             yield start, size
             start += size
@@ -202,7 +204,7 @@ def _insert_decisions(conn: sqlite3.Connection, records: Sequence[DecisionRecord
         )
         key = (r.user_id, r.policy, arm)
         pulls[key] = pulls.get(key, 0) + 1
-    for start, size in _chunks(len(records)):
+    for start, size in _chunks(len(records), 7, conn):
         conn.execute(
             _multi_row(
                 "INSERT INTO decisions (decision_id, user_id, policy, created_at, chosen_arm,"
@@ -213,7 +215,7 @@ def _insert_decisions(conn: sqlite3.Connection, records: Sequence[DecisionRecord
             rows[7 * start : 7 * (start + size)],
         )
     counts = [v for (user_id, policy, arm), n in pulls.items() for v in (user_id, policy, arm, n)]
-    for start, size in _chunks(len(pulls)):
+    for start, size in _chunks(len(pulls), 4, conn):
         conn.execute(
             _multi_row(
                 "INSERT INTO pulls (user_id, policy, arm, n)",
