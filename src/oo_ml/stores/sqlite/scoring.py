@@ -230,6 +230,7 @@ def _insert_decisions(conn: sqlite3.Connection, records: Sequence[DecisionRecord
 def _apply(
     conn: sqlite3.Connection, w: Write, revisions: dict[tuple[str, str], int], origin: int
 ) -> None:
+    """One write other than a decision (`commit` inserts runs of those together)."""
     match w:
         case PutState(user_id, policy, revision, state):
             data = encode_state(state)
@@ -258,8 +259,6 @@ def _apply(
                 )
             revisions[(user_id, policy)] = new_revision
             changes.note(conn, origin, user_id, policy, new_revision)
-        case InsertDecision(r):
-            _insert_decisions(conn, [r])
         case AttachShadows(decision_id, views, vectors):
             # Only beside a decision still logged (not reset or dropped meanwhile).
             conn.execute(
