@@ -188,16 +188,15 @@ class ScoringService(scoring_pb2_grpc.ScoringServiceServicer):
         response = scoring_pb2.ScoreResponse(
             decision_id=record.decision_id,
             chosen_tip_id=record.chosen.tip_id,
-            ranking=[
-                scoring_pb2.ScoredCandidate(
-                    tip_id=c.tip_id, arm=c.arm, score=c.score, propensity=c.propensity
-                )
-                for c in result.ranking()
-            ],
             policy=record.policy,
             explored=record.explored,
             feature_version=record.feature_version,
         )
+        # add() fills each entry in place: about half the cost of building ScoredCandidate
+        # messages and copying them into the repeated field.
+        add = response.ranking.add
+        for c in result.ranking():
+            add(tip_id=c.tip_id, arm=c.arm, score=c.score, propensity=c.propensity)
         response.MergeFromString(feature_bytes(result.features))
         return response
 
