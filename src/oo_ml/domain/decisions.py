@@ -8,12 +8,13 @@ store columns so it can be set exactly once by a conditional update.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from oo_ml.domain.features import Vector
 
 
-@dataclass(frozen=True, slots=True)
-class LoggedCandidate:
+class LoggedCandidate(NamedTuple):
+    # A NamedTuple for the reason Candidate is one: a Score builds one per candidate.
     tip_id: str
     arm: str
     score: float

@@ -23,7 +23,6 @@ import logging
 import random
 import time
 from collections.abc import Callable
-from dataclasses import replace
 
 from oo_ml.config import ScoringConfig
 from oo_ml.domain.contracts import Contracts
@@ -218,7 +217,7 @@ class ScoringEngine:
             g = known.get(c.generation_id)
             if g is None:
                 return c
-            return replace(c, prompt_version=FALLBACK_BUCKET if g.fallback else g.prompt_version)
+            return c._replace(prompt_version=FALLBACK_BUCKET if g.fallback else g.prompt_version)
 
         return tuple(attributed(c) for c in candidates)
 
