@@ -12,6 +12,8 @@ from typing import TypeVar
 import grpc
 from google.rpc import error_details_pb2, status_pb2
 
+from oo.scoring.v1.scoring_pb2 import FeatureOrigin, FeatureValue, StatsResponse
+
 T = TypeVar("T")
 
 
@@ -27,6 +29,31 @@ async def assert_eventually(
             if time.monotonic() > deadline:
                 raise
         await asyncio.sleep(interval)
+
+
+def assert_same_learning(before: StatsResponse, after: StatsResponse) -> None:
+    """Two Stats replies for one user say the same about what it learned and what it is.
+    The features read from the server's clock (hour, weekday) may differ, and each arm's
+    estimate is theta . x at the current features: estimates are compared only when the
+    clock's features did not move between the replies (every time, unless an hour turned
+    in between)."""
+    a, b = StatsResponse(), StatsResponse()
+    a.CopyFrom(before)
+    b.CopyFrom(after)
+    clock_moved = _clock_features(a) != _clock_features(b)
+    for stats in (a, b):
+        kept = [f for f in stats.features if f.origin != FeatureOrigin.FEATURE_ORIGIN_SERVER_CLOCK]
+        del stats.features[:]
+        stats.features.extend(kept)
+        stats.server = ""  # the answering process, a new one after a restart
+        if clock_moved:
+            for arm in stats.arms:
+                arm.estimate = 0.0
+    assert a == b
+
+
+def _clock_features(stats: StatsResponse) -> list[FeatureValue]:
+    return [f for f in stats.features if f.origin == FeatureOrigin.FEATURE_ORIGIN_SERVER_CLOCK]
 
 
 def field_violations(err: grpc.aio.AioRpcError) -> dict[str, str]:

@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 from oo.events.v1 import envelope_pb2
 from oo.scoring.v1 import scoring_pb2 as pb
 from tests.conftest import Running, ServerFactory
-from tests.helpers import assert_eventually
+from tests.helpers import assert_eventually, assert_same_learning
 from tests.natsfix import feedback
 from tests.test_ingest import Harness, harness, harness_factory, nats_server  # noqa: F401
 from tests.test_validation_fast_path import FLOATS, TEXT_LENGTHS, contexts, envelopes, profiles
@@ -94,7 +94,7 @@ class Fuzzed:
             assert resp.status == health_pb2.HealthCheckResponse.SERVING
         md = self.metadata(USER)
         now = await self.srv.stub.Stats(pb.StatsRequest(user_id=KEEPER), metadata=md, timeout=5)
-        assert now == self.keeper_stats
+        assert_same_learning(self.keeper_stats, now)
         again = await self.srv.stub.Reward(
             pb.RewardRequest(decision_id=self.rewarded_decision, reward=0), metadata=md, timeout=5
         )
