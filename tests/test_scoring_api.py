@@ -357,7 +357,9 @@ async def test_shadow_policies_learn_and_get_off_policy_estimates(
         resp = await srv.stub.Score(score_request(hour=i % 24))
         await srv.app.engine.drain()  # type: ignore[union-attr]
         chosen_arm = next(c.arm for c in resp.ranking if c.tip_id == resp.chosen_tip_id)
-        reward = 1.0 if chosen_arm == ARMS[(i % 24) // 6] else 0.0
+        # Every fourth reward is 1 whatever the choice, so the shadows always have a
+        # nonzero reward to learn from (all 40 choices could miss: (3/4)^40).
+        reward = 1.0 if chosen_arm == ARMS[(i % 24) // 6] or i % 4 == 0 else 0.0
         await srv.stub.Reward(pb.RewardRequest(decision_id=resp.decision_id, reward=reward))
     per_user = await srv.stub.Stats(pb.StatsRequest(user_id="u1"))
     assert not per_user.shadows and per_user.users == 0  # server-wide: the policy's answer

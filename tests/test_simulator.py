@@ -255,7 +255,9 @@ async def test_gate_command_against_a_running_server(
         )
         await srv.app.engine.drain()  # type: ignore[union-attr]
         chosen = next(c.arm for c in resp.ranking if c.tip_id == resp.chosen_tip_id)
-        reward = 1.0 if chosen == ARMS[(i % 24) // 6] else 0.0
+        # Every fourth reward is 1 whatever the choice: if every reward could be 0 (all 24
+        # choices missing, (3/4)^24 = 1 run in 1,000), the SNIPS interval would be 0 wide.
+        reward = 1.0 if chosen == ARMS[(i % 24) // 6] or i % 4 == 0 else 0.0
         await srv.stub.Reward(pb.RewardRequest(decision_id=resp.decision_id, reward=reward))
 
     base = ["gate", "--address", srv.address, "--served", "egreedy"]
