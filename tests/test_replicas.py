@@ -89,9 +89,15 @@ async def test_500_concurrent_rewards_for_one_user_lose_none(
         )
         assert all(r.applied for r in results)
         for r in replicas:  # every replica's view of bo's model counts all 500
-            stats = await r.stub.Stats(pb.StatsRequest(user_id="bo"))
-            assert sum(arm.rewarded for arm in stats.arms) == 500
-            assert stats.pending == 0
+
+            async def counted(r: Replica = r) -> None:
+                stats = await r.stub.Stats(pb.StatsRequest(user_id="bo"))
+                assert sum(arm.rewarded for arm in stats.arms) == 500
+                assert stats.pending == 0
+
+            # Each replica's Stats reads its cached model, which learns of the other
+            # replicas' rewards through the store's watch: within a second, not at once.
+            await assert_eventually(counted, within=1.0)
     finally:
         for r in replicas:
             await r.close()
@@ -127,10 +133,16 @@ async def test_each_ingested_event_is_applied_once_across_replicas(
 
         await assert_eventually(settled, 30)
         for r in (a, b):
-            stats = await r.stub.Stats(pb.StatsRequest(user_id="cy"))
-            assert sum(arm.rewarded for arm in stats.arms) == 60
-            dwell = {f.name: f.value for f in stats.features}["mean_dwell_ms_30d"]
-            assert dwell == 1000.0
+
+            async def learned(r: Replica = r) -> None:
+                stats = await r.stub.Stats(pb.StatsRequest(user_id="cy"))
+                assert sum(arm.rewarded for arm in stats.arms) == 60
+                dwell = {f.name: f.value for f in stats.features}["mean_dwell_ms_30d"]
+                assert dwell == 1000.0
+
+            # Cached models and features catch up with the other replica's writes
+            # through the store's watch: within a second, not at once.
+            await assert_eventually(learned, within=1.0)
     finally:
         await publisher.close()
         for r in (a, b):
