@@ -17,7 +17,7 @@ from oo_ml.domain.state import PolicyState
 from oo_ml.errors import Conflict
 from oo_ml.stores.memory import MemoryStateStore
 from oo_ml.stores.sqlite import db as sqlite_db
-from oo_ml.stores.sqlite import scoring
+from oo_ml.stores.sqlite import decision_writer, scoring
 from oo_ml.stores.sqlite.scoring import SqliteStore
 
 
@@ -200,7 +200,8 @@ async def test_decisions_are_inserted_within_an_old_sqlites_parameter_limit(
     try:
         conn.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 999)
         conn.execute("BEGIN")
-        scoring._insert_decisions(conn, [decision(i).record for i in range(1100)])
+        rows = [scoring._decision_row(decision(i).record) for i in range(1100)]
+        decision_writer.insert_decisions(conn, rows)
         conn.execute("COMMIT")
         assert conn.execute("SELECT count(*) FROM decisions").fetchone()[0] == 1100
         assert conn.execute("SELECT n FROM pulls WHERE user_id = 'u'").fetchone()[0] == 1100

@@ -72,10 +72,13 @@ async def open_nats(url: str) -> tuple[NatsStore, nats.NATS]:
     return await NatsStore.open(nc, retention_s=3600.0, log_max_mb=64.0), nc
 
 
-@pytest.fixture(params=["sqlite", "nats"])
+@pytest.fixture(params=["sqlite", "sqlite-process", "nats"])
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
-    if request.param == "sqlite":
-        s = SqliteStore.open(tmp_path / "s.db")
+    if request.param.startswith("sqlite"):
+        # sqlite-process: the decision log's batches (decisions and shadow views alone)
+        # go to the child process, as under `oo-ml serve`; other commits to the thread.
+        writer = "process" if request.param == "sqlite-process" else "thread"
+        s = SqliteStore.open(tmp_path / "s.db", decision_writer=writer)
         yield s
         await s.close()
         return

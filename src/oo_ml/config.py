@@ -222,6 +222,12 @@ class ScoringConfig:
     decision_flush_records: int = setting(
         512, "OO_DECISION_FLUSH_RECORDS", "Buffered decisions that start a commit at once."
     )
+    decision_writer: str = setting(
+        "process",
+        "OO_DECISION_WRITER",
+        "Who commits the decision log's batches to SQLite: process (a child process, so the"
+        " commits take no GIL from the event loop) or thread (the store's writer thread).",
+    )
     state_cache_mb: float = setting(
         256.0, "OO_STATE_CACHE_MB", "Memory for decoded user models; the least recent go first."
     )
@@ -353,6 +359,8 @@ class Config:
                 problems.append(f"{name} must be a finite number >= 0 (got {value})")
         if s.decision_durability not in ("async", "sync"):
             problems.append("OO_DECISION_DURABILITY must be 'async' or 'sync'")
+        if s.decision_writer not in ("process", "thread"):
+            problems.append("OO_DECISION_WRITER must be 'process' or 'thread'")
         if not (math.isfinite(s.decision_flush_ms) and 0 < s.decision_flush_ms <= 1000):
             problems.append("OO_DECISION_FLUSH_MS must be in (0, 1000]")
         if s.decision_flush_records < 1 or s.shadow_queue < 1:

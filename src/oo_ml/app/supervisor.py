@@ -136,7 +136,9 @@ class App:
             if cfg.ingest.enabled:
                 profiles = nats_profiles
         else:
-            sqlite_store = SqliteStore.open(cfg.server.data_dir / DB_FILE)
+            sqlite_store = SqliteStore.open(
+                cfg.server.data_dir / DB_FILE, decision_writer=cfg.scoring.decision_writer
+            )
             self.store = store = sqlite_store
             if cfg.ingest.enabled:
                 profiles = self.profiles = SqliteProfileStore(

@@ -8,11 +8,10 @@ event loop never decodes a blob. A row that does not decode raises `UnreadableRe
 
 from __future__ import annotations
 
-import functools
 import logging
 import sqlite3
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -34,7 +33,7 @@ from oo_ml.domain.ports import (
     Write,
 )
 from oo_ml.domain.state import PolicyState
-from oo_ml.errors import Conflict, UnreadableRecord
+from oo_ml.errors import Conflict, TransientStoreError, UnreadableRecord
 from oo_ml.stores.codec import (
     DecisionKey,
     decode_decision,
@@ -45,6 +44,7 @@ from oo_ml.stores.codec import (
     encode_state,
 )
 from oo_ml.stores.sqlite import changes
+from oo_ml.stores.sqlite import decision_writer as dw
 from oo_ml.stores.sqlite.db import SqliteDB
 
 log = logging.getLogger(__name__)
@@ -163,74 +163,48 @@ MIGRATIONS: list[str] = [
 ]
 
 
-# A run of decisions is inserted by multi-row statements of these sizes (largest first):
-# each size's statement is prepared once and cached, and a group commit of n decisions
-# steps SQLite about log2(n) times instead of twice per decision. Each step releases and
-# retakes the GIL, and under load a handoff with the busy event loop costs far more than
-# the step's own work (bench/results/writer-2026-12-03.md).
-_CHUNKS = (512, 256, 128, 64, 32, 16, 8, 4, 2, 1)
+def _decision_row(r: DecisionRecord) -> dw.DecisionRow:
+    chosen = r.chosen
+    return (
+        r.decision_id,
+        r.user_id,
+        r.policy,
+        r.created_at,
+        chosen.arm,
+        chosen.prompt_version,
+        encode_decision(r),
+    )
 
 
-@functools.cache
-def _multi_row(head: str, row: str, n: int, tail: str = "") -> str:
-    return f"{head} VALUES {', '.join([row] * n)}{tail}"
-
-
-def _chunks(n: int, per_row: int, conn: sqlite3.Connection) -> Iterator[tuple[int, int]]:
-    """(start, size) pieces of n rows, in the sizes of `_CHUNKS` that stay within the
-    library's limit on bound parameters (999 in SQLite builds before 3.32)."""
-    largest = conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // per_row
-    start = 0
-    for size in (s for s in _CHUNKS if s <= largest):
-        while n - start >= size:
-            yield start, size
-            start += size
-
-
-def _insert_decisions(conn: sqlite3.Connection, records: Sequence[DecisionRecord]) -> None:
-    """The decisions' rows and their pulls (counted per arm), in a few statements."""
-    rows: list[object] = []
-    pulls: dict[tuple[str, str, str], int] = {}
-    for r in records:
-        arm = r.chosen.arm
-        rows += (
-            r.decision_id,
-            r.user_id,
-            r.policy,
-            r.created_at,
-            arm,
-            r.chosen.prompt_version,
-            encode_decision(r),
-        )
-        key = (r.user_id, r.policy, arm)
-        pulls[key] = pulls.get(key, 0) + 1
-    for start, size in _chunks(len(records), 7, conn):
-        conn.execute(
-            _multi_row(
-                "INSERT INTO decisions (decision_id, user_id, policy, created_at, chosen_arm,"
-                " prompt_version, data)",
-                "(?, ?, ?, ?, ?, ?, ?)",
-                size,
-            ),
-            rows[7 * start : 7 * (start + size)],
-        )
-    counts = [v for (user_id, policy, arm), n in pulls.items() for v in (user_id, policy, arm, n)]
-    for start, size in _chunks(len(pulls), 4, conn):
-        conn.execute(
-            _multi_row(
-                "INSERT INTO pulls (user_id, policy, arm, n)",
-                "(?, ?, ?, ?)",
-                size,
-                " ON CONFLICT (user_id, policy, arm) DO UPDATE SET n = n + excluded.n",
-            ),
-            counts[4 * start : 4 * (start + size)],
-        )
+def _steps(writes: Sequence[Write]) -> list[Write | dw.Step]:
+    """`writes` with each run of decisions, and of shadow views, made one step of encoded
+    rows (`decision_writer`), in order."""
+    out: list[Write | dw.Step] = []
+    decisions: list[dw.DecisionRow] | None = None
+    shadows: list[dw.ShadowRow] | None = None
+    for w in writes:
+        if isinstance(w, InsertDecision):
+            shadows = None
+            if decisions is None:
+                decisions = []
+                out.append(("decisions", decisions))
+            decisions.append(_decision_row(w.record))
+        elif isinstance(w, AttachShadows):
+            decisions = None
+            if shadows is None:
+                shadows = []
+                out.append(("shadows", shadows))
+            shadows.append((w.decision_id, encode_shadow_views(w.views, w.vectors)))
+        else:
+            decisions = shadows = None
+            out.append(w)
+    return out
 
 
 def _apply(
     conn: sqlite3.Connection, w: Write, revisions: dict[tuple[str, str], int], origin: int
 ) -> None:
-    """One write other than a decision (`commit` inserts runs of those together)."""
+    """One write other than a decision or shadow views (`commit` makes steps of those)."""
     match w:
         case PutState(user_id, policy, revision, state):
             data = encode_state(state)
@@ -259,13 +233,6 @@ def _apply(
                 )
             revisions[(user_id, policy)] = new_revision
             changes.note(conn, origin, user_id, policy, new_revision)
-        case AttachShadows(decision_id, views, vectors):
-            # Only beside a decision still logged (not reset or dropped meanwhile).
-            conn.execute(
-                "INSERT OR REPLACE INTO decision_shadows (decision_id, data) SELECT ?, ?"
-                " WHERE EXISTS (SELECT 1 FROM decisions WHERE decision_id = ?)",
-                (decision_id, encode_shadow_views(views, vectors), decision_id),
-            )
         case MarkRewarded(decision_id, reward, at, source):
             cur = conn.execute(
                 "UPDATE decisions SET reward = ?, rewarded_at = ?, reward_source = ?"
@@ -336,8 +303,11 @@ def _measured_bytes_per_row(conn: sqlite3.Connection, rows: int) -> float:
 class SqliteStore:
     """The engine's `Store` on a `SqliteDB`."""
 
-    def __init__(self, db: SqliteDB) -> None:
+    def __init__(self, db: SqliteDB, writer: dw.WriterProcess | None = None) -> None:
         self.db = db
+        self.writer = writer
+        """The child process that commits the decision log's batches (`OO_DECISION_WRITER
+        =process`); None: the writer thread commits everything."""
         self.unreadable_states = 0
         """States skipped by `policy_states` because they do not decode."""
         self._bytes_per_row: float | None = None
@@ -348,8 +318,14 @@ class SqliteStore:
         return -float("inf")  # a file on this machine is never away
 
     @classmethod
-    def open(cls, path: Path | str) -> SqliteStore:
-        return cls(SqliteDB(path, MIGRATIONS))
+    def open(cls, path: Path | str, decision_writer: str = "thread") -> SqliteStore:
+        """The store on the file at `path` (created and migrated if need be).
+        `decision_writer`: "process" commits the decision log's batches in a child
+        process (what `oo-ml serve` runs by default), "thread" on the writer thread."""
+        db = SqliteDB(path, MIGRATIONS)
+        if decision_writer == "process" and str(path) != ":memory:":
+            return cls(db, dw.WriterProcess(str(path)))
+        return cls(db)
 
     async def get(self, user_id: str, policy: str) -> StoredState | None:
         def q(conn: sqlite3.Connection) -> StoredState | None:
@@ -372,20 +348,24 @@ class SqliteStore:
 
     async def commit(self, writes: Sequence[Write]) -> dict[tuple[str, str], int]:
         origin = self.db.origin
+        # Decisions and shadow views are encoded here, on the caller's thread (the event
+        # loop, after the answers went out): what crosses to the writer is rows.
+        steps = _steps(writes)
+        if self.writer is not None and steps and all(isinstance(s, tuple) for s in steps):
+            # The decision log's group commits: to the child process (decision_writer).
+            try:
+                await self.writer.commit(steps)  # type: ignore[arg-type]
+            except OSError as e:
+                raise TransientStoreError(str(e)) from e
+            return {}
 
         def tx(conn: sqlite3.Connection) -> dict[tuple[str, str], int]:
             revisions: dict[tuple[str, str], int] = {}
-            run: list[DecisionRecord] = []  # consecutive decisions, inserted together
-            for w in writes:
-                if isinstance(w, InsertDecision):
-                    run.append(w.record)
-                    continue
-                if run:
-                    _insert_decisions(conn, run)
-                    run = []
-                _apply(conn, w, revisions, origin)
-            if run:
-                _insert_decisions(conn, run)
+            for step in steps:
+                if isinstance(step, tuple):
+                    dw.apply(conn, [step])
+                else:
+                    _apply(conn, step, revisions, origin)
             return revisions
 
         return await self.db.run(tx)
@@ -667,4 +647,6 @@ class SqliteStore:
         return await self.db.read(q) if ids else {}
 
     async def close(self) -> None:
+        if self.writer is not None:
+            await self.writer.close()
         await self.db.close()

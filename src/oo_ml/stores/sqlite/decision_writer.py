@@ -1,0 +1,295 @@
+"""The decision log's inserts, and the child process that runs them (`OO_DECISION_WRITER`).
+
+Score answers before its decision is written; the decision log group-commits its buffer
+every few milliseconds (ADR 0011). Committed on the store's writer *thread*, each group
+commit cost the event loop far more than the commit's own work: the thread takes the GIL
+back from the busy loop several times a commit (every SQLite step and zlib release it),
+and under load those handoffs cost the loop about 0.1 ms of CPU per Score, a quarter of
+its budget. A child process has its own interpreter: the loop encodes the rows, writes
+one frame to a pipe and reads one back, and the child runs the SQL (ADR 0023; figures in
+bench/results/). The child is this module run as a script, with no oo_ml import beyond
+it, so it starts in a few tens of milliseconds.
+
+The pipe carries frames of a 4-byte little-endian length and a pickle, between a parent
+and the child it started (never anything else):
+
+- request: a list of steps, committed in one transaction, in order: ("decisions", rows)
+  with rows as `insert_decisions` takes them, or ("shadows", rows) as `attach_shadows`;
+- reply: ("ok", "") or ("transient", reason) (the file is busy, full, unwritable: the
+  log keeps the batch and retries it) or ("refused", reason) (the batch itself is wrong:
+  the log commits it write by write to find the bad one).
+
+Inserts are idempotent: a decision already in the file is skipped, its pull with it, so
+a batch retried after the child died between its commit and its reply lands once. The
+child ends at end of input (its parent closed the pipe, or died) after the batch it is
+committing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import os
+import pickle
+import signal
+import sqlite3
+import struct
+import sys
+from collections.abc import Iterator, Sequence
+from typing import BinaryIO
+
+log = logging.getLogger(__name__)
+
+# A decision's row in `decisions`: id, user, policy, created_at, chosen arm, prompt
+# version, the encoded record.
+DecisionRow = tuple[str, str, str, float, str, str, bytes]
+# A decision's shadow views: its id and their encoding.
+ShadowRow = tuple[str, bytes]
+Step = tuple[str, Sequence[DecisionRow] | Sequence[ShadowRow]]
+
+FRAME = struct.Struct("<I")
+
+# A run of decisions is inserted by multi-row statements of these sizes (largest first):
+# each size's statement is prepared once and cached, and a group commit of n decisions
+# steps SQLite about log2(n) times instead of twice per decision.
+_CHUNKS = (512, 256, 128, 64, 32, 16, 8, 4, 2, 1)
+
+
+@functools.cache
+def _multi_row(head: str, row: str, n: int, tail: str = "") -> str:
+    return f"{head} VALUES {', '.join([row] * n)}{tail}"
+
+
+def _chunks(n: int, per_row: int, conn: sqlite3.Connection) -> Iterator[tuple[int, int]]:
+    """(start, size) pieces of n rows, in the sizes of `_CHUNKS` that stay within the
+    library's limit on bound parameters (999 in SQLite builds before 3.32)."""
+    largest = conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // per_row
+    start = 0
+    for size in (s for s in _CHUNKS if s <= largest):
+        while n - start >= size:
+            yield start, size
+            start += size
+
+
+@functools.cache
+def _in_list(n: int) -> str:
+    return f"SELECT decision_id FROM decisions WHERE decision_id IN ({', '.join('?' * n)})"
+
+
+def _present(conn: sqlite3.Connection, ids: list[str]) -> set[str]:
+    found: set[str] = set()
+    for start, size in _chunks(len(ids), 1, conn):
+        found.update(r[0] for r in conn.execute(_in_list(size), ids[start : start + size]))
+    return found
+
+
+def insert_decisions(conn: sqlite3.Connection, run: Sequence[DecisionRow]) -> None:
+    """The decisions' rows and their pulls (counted per arm), in a few statements; those
+    already in the file (a retried batch) are skipped, pulls and all."""
+    present = _present(conn, [row[0] for row in run])
+    if present:
+        run = [row for row in run if row[0] not in present]
+    rows = [v for row in run for v in row]
+    pulls: dict[tuple[str, str, str], int] = {}
+    for _, user_id, policy, _, arm, _, _ in run:
+        key = (user_id, policy, arm)
+        pulls[key] = pulls.get(key, 0) + 1
+    for start, size in _chunks(len(run), 7, conn):
+        conn.execute(
+            _multi_row(
+                "INSERT INTO decisions (decision_id, user_id, policy, created_at, chosen_arm,"
+                " prompt_version, data)",
+                "(?, ?, ?, ?, ?, ?, ?)",
+                size,
+            ),
+            rows[7 * start : 7 * (start + size)],
+        )
+    counts = [v for (user_id, policy, arm), n in pulls.items() for v in (user_id, policy, arm, n)]
+    for start, size in _chunks(len(pulls), 4, conn):
+        conn.execute(
+            _multi_row(
+                "INSERT INTO pulls (user_id, policy, arm, n)",
+                "(?, ?, ?, ?)",
+                size,
+                " ON CONFLICT (user_id, policy, arm) DO UPDATE SET n = n + excluded.n",
+            ),
+            counts[4 * start : 4 * (start + size)],
+        )
+
+
+def attach_shadows(conn: sqlite3.Connection, rows: Sequence[ShadowRow]) -> None:
+    """Shadow views, each only beside a decision still logged (not reset or dropped)."""
+    conn.executemany(
+        "INSERT OR REPLACE INTO decision_shadows (decision_id, data) SELECT ?, ?"
+        " WHERE EXISTS (SELECT 1 FROM decisions WHERE decision_id = ?)",
+        [(decision_id, data, decision_id) for decision_id, data in rows],
+    )
+
+
+def apply(conn: sqlite3.Connection, steps: Sequence[Step]) -> None:
+    for kind, rows in steps:
+        if kind == "decisions":
+            insert_decisions(conn, rows)  # type: ignore[arg-type]
+        elif kind == "shadows":
+            attach_shadows(conn, rows)  # type: ignore[arg-type]
+        else:
+            raise ValueError(f"unknown step {kind!r}")
+
+
+def read_frame(stream: BinaryIO) -> object | None:
+    head = stream.read(FRAME.size)
+    if len(head) < FRAME.size:
+        return None
+    (n,) = FRAME.unpack(head)
+    body = stream.read(n)
+    if len(body) < n:
+        return None
+    return pickle.loads(body)  # type: ignore[no-any-return]
+
+
+def frame(value: object) -> bytes:
+    body = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+    return FRAME.pack(len(body)) + body
+
+
+def _commit(conn: sqlite3.Connection, steps: Sequence[Step]) -> tuple[str, str]:
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            apply(conn, steps)
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+    except sqlite3.OperationalError as e:  # busy, full, read-only, I/O
+        return "transient", f"sqlite: {e}"
+    except (sqlite3.Error, ValueError, TypeError) as e:
+        return "refused", f"{type(e).__name__}: {e}"
+    return "ok", ""
+
+
+def main(path: str) -> int:
+    # The parent ends the child by closing the pipe, after its last flush. A signal sent
+    # to the whole group (Ctrl-C in a terminal, systemd stopping the unit) must not end
+    # it before the parent has drained.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA busy_timeout=5000")
+    # The parent made the file (WAL, schema). FULL, as the parent's own writer: a batch is
+    # on disk before the parent hears of it.
+    conn.execute("PRAGMA synchronous=FULL")
+    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+    while True:
+        steps = read_frame(stdin)
+        if steps is None:
+            break
+        stdout.write(frame(_commit(conn, steps)))  # type: ignore[arg-type]
+        stdout.flush()
+    conn.close()
+    return 0
+
+
+class RefusedBatch(Exception):
+    """The child could not commit the batch for a reason of the batch's own (a write the
+    schema refuses): committing it again as it is would fail again."""
+
+
+class WriterProcess:
+    """The parent's end: one child per store, started on first use and again after it
+    died (a batch it took down with it is retried by the decision log, and lands once).
+    One batch is in the pipe at a time; the decision log sends one at a time anyway."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.starts = 0
+        """Children started (more than 1: one died or was stopped, and was replaced)."""
+        self._proc: asyncio.subprocess.Process | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._lock: asyncio.Lock | None = None
+        self._closed = False
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    async def commit(self, steps: Sequence[Step]) -> None:
+        if self._closed:
+            raise OSError("the decision writer is closed")
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:  # a store used from another loop (tests, CLI runs)
+            self._abandon()
+            self._loop, self._lock = loop, asyncio.Lock()
+        assert self._lock is not None
+        async with self._lock:
+            kind, reason = await self._exchange(steps)
+        if kind == "transient":
+            raise OSError(reason)
+        if kind == "refused":
+            raise RefusedBatch(reason)
+
+    async def _exchange(self, steps: Sequence[Step]) -> tuple[str, str]:
+        proc = self._proc
+        if proc is None or proc.returncode is not None:
+            proc = await self._start()
+        assert proc.stdin is not None and proc.stdout is not None
+        try:
+            proc.stdin.write(frame(list(steps)))
+            await proc.stdin.drain()
+            (n,) = FRAME.unpack(await proc.stdout.readexactly(FRAME.size))
+            reply = pickle.loads(await proc.stdout.readexactly(n))
+        except (OSError, EOFError, asyncio.IncompleteReadError) as e:
+            self._abandon()
+            raise OSError(f"the decision writer process ended: {e}") from e
+        except BaseException:
+            # Cancelled mid-exchange: the pipe may hold half a frame or an unread reply.
+            # The child goes; the batch, committed or not, is retried and lands once.
+            self._abandon()
+            raise
+        return reply  # type: ignore[no-any-return]
+
+    async def _start(self) -> asyncio.subprocess.Process:
+        self._proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-I",  # no PYTHONPATH, no user site, no script directory on sys.path
+            __file__,
+            self.path,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        self.starts += 1
+        if self.starts > 1:
+            log.warning("decision writer process restarted (pid %d)", self._proc.pid)
+        return self._proc
+
+    def _abandon(self) -> None:
+        """Stop the child now, without waiting: it ends at its next read anyway."""
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGKILL)
+
+    async def close(self) -> None:
+        """End the child: end of input, then its exit (it finishes the batch it holds)."""
+        self._closed = True
+        proc, self._proc = self._proc, None
+        if proc is None or proc.returncode is not None:
+            return
+        if self._loop is not asyncio.get_running_loop():
+            self._proc = proc
+            self._abandon()  # its pipes belong to a loop that is gone; it holds no batch
+            return
+        assert proc.stdin is not None
+        proc.stdin.close()
+        try:
+            await asyncio.wait_for(proc.wait(), 10)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))

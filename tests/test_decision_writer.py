@@ -1,0 +1,189 @@
+"""The decision log's writer process (`OO_DECISION_WRITER=process`, the default of
+`oo-ml serve`): a real child on a real SQLite file. What it must hold: every batch lands
+once (a child killed mid-flight is replaced, the batch retried, nothing counted twice), a
+bad batch is refused without taking the child down, and the child never outlives the
+server that started it."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sqlite3
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from oo.scoring.v1 import scoring_pb2 as pb
+from oo.scoring.v1 import scoring_pb2_grpc
+from oo_ml.domain.ports import InsertDecision
+from oo_ml.errors import TransientStoreError
+from oo_ml.stores.sqlite.decision_writer import RefusedBatch, WriterProcess
+from oo_ml.stores.sqlite.scoring import SqliteStore
+from tests.conftest import ServerFactory, oo_ml_bin
+from tests.helpers import ServerProcess, assert_eventually
+from tests.test_store_shared import rec
+
+ARMS = ["focus", "break", "plan", "review"]
+
+
+def decision(i: int, arm: str = "a") -> InsertDecision:
+    return InsertDecision(rec(i, arm=arm))
+
+
+def rows(path: Path) -> tuple[int, dict[str, int]]:
+    """(decisions in the file, pulls by arm), read by a connection of the test's own."""
+    conn = sqlite3.connect(path)
+    try:
+        n = conn.execute("SELECT count(*) FROM decisions").fetchone()[0]
+        pulls = dict(conn.execute("SELECT arm, n FROM pulls WHERE user_id = 'u'").fetchall())
+        return int(n), pulls
+    finally:
+        conn.close()
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A child that exited but was not reaped yet is a zombie: gone, for this purpose.
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(c) for c in f.read().split()]
+
+
+async def test_decision_batches_go_to_a_child_process(tmp_path: Path) -> None:
+    store = SqliteStore.open(tmp_path / "s.db", decision_writer="process")
+    try:
+        assert store.writer is not None
+        await store.commit([decision(i, arm="a" if i % 3 else "b") for i in range(30)])
+        pid = store.writer.pid
+        assert pid is not None and pid != os.getpid() and alive(pid)
+        assert rows(tmp_path / "s.db") == (30, {"a": 20, "b": 10})
+        got = await store.get_decision(rec(7).decision_id)
+        assert got is not None
+        want = rec(7, arm="a")
+        assert (got.record.user_id, got.record.candidates) == (want.user_id, want.candidates)
+        assert np.allclose(got.record.x, want.x)
+    finally:
+        await store.close()
+    assert not alive(pid)  # closing the store ends the child
+
+
+async def test_a_batch_whose_reply_was_lost_lands_once_when_retried(tmp_path: Path) -> None:
+    """The child commits, then dies before its reply: the decision log retries the whole
+    batch, which must insert nothing twice and count no pull twice."""
+    store = SqliteStore.open(tmp_path / "s.db", decision_writer="process")
+    try:
+        batch = [decision(i) for i in range(5)]
+        await store.commit(batch)
+        await store.commit([*batch, decision(5)])  # the retry, plus one decision more
+        assert rows(tmp_path / "s.db") == (6, {"a": 6})
+    finally:
+        await store.close()
+
+
+async def test_a_child_killed_mid_batch_fails_it_transiently_and_is_replaced(
+    tmp_path: Path,
+) -> None:
+    store = SqliteStore.open(tmp_path / "s.db", decision_writer="process")
+    try:
+        assert store.writer is not None
+        await store.commit([decision(0)])
+        first = store.writer.pid
+        assert first is not None
+        os.kill(first, signal.SIGSTOP)  # it holds the next batch, unread, until killed
+        in_flight = asyncio.create_task(store.commit([decision(1)]))
+        await asyncio.sleep(0.2)
+        assert not in_flight.done()
+        os.kill(first, signal.SIGKILL)
+        with pytest.raises(TransientStoreError, match="decision writer process ended"):
+            await in_flight
+        await store.commit([decision(1)])  # the decision log's retry: a new child
+        second = store.writer.pid
+        assert second not in (None, first) and store.writer.starts == 2
+        # A child that died between batches is replaced before the next one is sent.
+        assert second is not None
+        os.kill(second, signal.SIGKILL)
+        await assert_eventually(lambda: _reaped(store), within=5)
+        await store.commit([decision(2)])
+        assert store.writer.starts == 3
+        assert rows(tmp_path / "s.db") == (3, {"a": 3})
+    finally:
+        await store.close()
+
+
+async def _gone(pid: int) -> None:
+    assert not alive(pid)
+
+
+async def _reaped(store: SqliteStore) -> None:
+    """asyncio's child watcher has seen the child's exit (its returncode is set)."""
+    assert store.writer is not None and store.writer._proc is not None
+    assert store.writer._proc.returncode is not None
+
+
+async def test_a_bad_batch_is_refused_and_the_child_keeps_serving(tmp_path: Path) -> None:
+    store = SqliteStore.open(tmp_path / "s.db")  # makes the file and its schema
+    writer = WriterProcess(str(tmp_path / "s.db"))
+    try:
+        with pytest.raises(RefusedBatch, match="unknown step 'nonsense'"):
+            await writer.commit([("nonsense", [])])
+        with pytest.raises(RefusedBatch, match="ValueError: not enough values"):
+            await writer.commit([("decisions", [("d1", "u", "p")])])  # type: ignore[list-item]
+        await writer.commit([("decisions", [("d1", "u", "p", 1.0, "a", "", b"x")])])
+        assert writer.starts == 1
+        assert rows(tmp_path / "s.db") == (1, {"a": 1})
+    finally:
+        await writer.close()
+        await store.close()
+
+
+async def test_serve_logs_decisions_through_the_child(server_factory: ServerFactory) -> None:
+    srv = await server_factory()
+    for i in range(20):
+        await srv.stub.Score(
+            pb.ScoreRequest(
+                user_id=f"u{i % 2}",
+                candidates=[pb.Candidate(tip_id=f"tip-{a}", arm=a) for a in ARMS],
+            )
+        )
+    store = srv.app.store
+    assert isinstance(store, SqliteStore) and store.writer is not None
+    assert (await srv.stub.Stats(pb.StatsRequest())).decisions == 20
+    assert store.writer.starts == 1 and store.writer.pid is not None
+
+
+async def test_a_crashed_server_leaves_no_writer_process_behind(
+    tmp_path: Path, clean_env: dict[str, str]
+) -> None:
+    """kill -9 of `oo-ml serve`: its child sees the pipe close and ends (after the batch
+    it holds, if any), so nothing is left writing to the file."""
+    server = ServerProcess(
+        [oo_ml_bin(), "serve", "--port", "0", "--data-dir", str(tmp_path), "--no-ingest"],
+        clean_env,
+    )
+    try:
+        async with grpc.aio.insecure_channel(server.address) as ch:
+            stub = scoring_pb2_grpc.ScoringServiceStub(ch)
+            for _ in range(5):
+                await stub.Score(
+                    pb.ScoreRequest(
+                        user_id="u", candidates=[pb.Candidate(tip_id=f"tip-{a}") for a in ARMS]
+                    )
+                )
+            await stub.Stats(pb.StatsRequest())  # a flush: the child has started
+        (child,) = children(server.proc.pid)
+        assert alive(child)
+        server.proc.send_signal(signal.SIGKILL)
+        server.proc.wait(timeout=10)
+        await assert_eventually(lambda: _gone(child), within=10)
+    finally:
+        server.kill()
