@@ -11,11 +11,16 @@ server's own process, never in oo-ml's code):
 
 And the decision log's writer, piece by piece (SQLite store):
 
+- `thread`: `full` with `OO_DECISION_WRITER=thread`, the decision log committed by the
+  store's writer thread instead of the child process (ADR 0023);
 - `nocommit`: decisions are buffered and flushed as usual, but their commit returns at
-  once, never reaching the writer thread;
+  once, never reaching a writer;
 - `nowrite`: the commit runs on the writer thread (transaction and all) but inserts nothing;
 - `noencode`: the rows are inserted with a constant 300-byte blob (no encoding);
 - `nozlib`: the blob is encoded but not compressed.
+
+(`nowrite`, `noencode` and `nozlib` cut into the writer thread's work, so they run with
+`OO_DECISION_WRITER=thread`: a monkeypatch does not reach the child process.)
 
 The same h2load load as `bench.transport` (4 processes x 1 connection, each its own user
 and body), interleaved rounds, medians, and the server's CPU per request:
@@ -34,7 +39,19 @@ import statistics
 import sys
 from typing import Any
 
-VARIANTS = ("full", "nolog", "const", "echo", "nocommit", "nowrite", "noencode", "nozlib")
+VARIANTS = (
+    "full",
+    "thread",
+    "nolog",
+    "const",
+    "echo",
+    "nocommit",
+    "nowrite",
+    "noencode",
+    "nozlib",
+)
+# The variants that patch the writer thread's work (see the docstring).
+_ON_THE_THREAD = ("thread", "nowrite", "noencode", "nozlib")
 
 
 def serve(variant: str, argv: list[str]) -> int:
@@ -60,10 +77,12 @@ def serve(variant: str, argv: list[str]) -> int:
             return await commit(self, writes)
 
         SqliteStore.commit = decisions_skipped  # type: ignore[method-assign]
+    if variant in _ON_THE_THREAD:
+        os.environ["OO_DECISION_WRITER"] = "thread"
     if variant == "nowrite":
-        from oo_ml.stores.sqlite import scoring
+        from oo_ml.stores.sqlite import decision_writer
 
-        scoring._insert_decisions = lambda conn, records: None
+        decision_writer.insert_decisions = lambda conn, run: None
     if variant == "noencode":
         from oo_ml.stores.sqlite import scoring
 

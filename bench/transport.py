@@ -172,20 +172,29 @@ class Server:
         return f"http://{self.addr}{path}"
 
     def cpu_s(self) -> float:
-        """utime + stime of the server process, from /proc (with its workers' when it is
-        the parent of `--workers N`)."""
+        """utime + stime of the server process and its children, from /proc: `--workers N`
+        workers, and each decision-log writer process (`OO_DECISION_WRITER=process`)."""
         return sum(self.cpu_by_process().values())
 
     def cpu_by_process(self) -> dict[int, float]:
-        pids = [self.pid]
-        if self.workers > 1:
-            children = Path(f"/proc/{self.pid}/task/{self.pid}/children")
-            pids += [int(p) for p in children.read_text().split()]
-        return {pid: proc_cpu_s(pid) for pid in pids}
+        """The server process's own CPU, and each child's with its own children's (a
+        worker's decision-log writer counts as that worker's)."""
+        out = {self.pid: proc_cpu_s(self.pid)}
+        for child in children(self.pid):
+            out[child] = sum(proc_cpu_s(p) for p in process_tree(child))
+        return out
 
     def rss_mb(self) -> float:
-        m = re.search(r"VmRSS:\s+(\d+) kB", Path(f"/proc/{self.pid}/status").read_text())
-        return int(m.group(1)) / 1024 if m else 0.0
+        """Resident memory of the server process and every process under it."""
+        total = 0
+        for pid in process_tree(self.pid):
+            try:
+                status = Path(f"/proc/{pid}/status").read_text()
+            except OSError:
+                continue
+            m = re.search(r"VmRSS:\s+(\d+) kB", status)
+            total += int(m.group(1)) if m else 0
+        return total / 1024
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -199,6 +208,21 @@ class Server:
             self.data_dir.cleanup()
         if self.log is not None:
             self.log.close()
+
+
+def children(pid: int) -> list[int]:
+    try:
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def process_tree(pid: int) -> list[int]:
+    """pid and every process under it."""
+    out = [pid]
+    for child in children(pid):
+        out += process_tree(child)
+    return out
 
 
 def proc_cpu_s(pid: int) -> float:
