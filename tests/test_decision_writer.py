@@ -20,6 +20,7 @@ from oo.scoring.v1 import scoring_pb2 as pb
 from oo.scoring.v1 import scoring_pb2_grpc
 from oo_ml.domain.ports import InsertDecision
 from oo_ml.errors import TransientStoreError
+from oo_ml.stores.sqlite import decision_writer
 from oo_ml.stores.sqlite.decision_writer import RefusedBatch, WriterProcess
 from oo_ml.stores.sqlite.scoring import SqliteStore
 from tests.conftest import ServerFactory, oo_ml_bin
@@ -187,3 +188,28 @@ async def test_a_crashed_server_leaves_no_writer_process_behind(
         await assert_eventually(lambda: _gone(child), within=10)
     finally:
         server.kill()
+
+
+def test_a_failed_commit_leaves_no_transaction_open(tmp_path: Path) -> None:
+    """A COMMIT that fails (a full disk; here a deferred foreign key, which fails only at
+    COMMIT) must not leave its transaction open, or every later batch would fail."""
+    conn = sqlite3.connect(tmp_path / "fk.db", isolation_level=None)
+    conn.execute("PRAGMA foreign_keys=ON")
+    conn.execute("CREATE TABLE users (id TEXT PRIMARY KEY)")
+    conn.execute(
+        "CREATE TABLE decisions (decision_id TEXT PRIMARY KEY, user_id TEXT, policy TEXT,"
+        " created_at REAL, chosen_arm TEXT, prompt_version TEXT, data BLOB,"
+        " FOREIGN KEY (user_id) REFERENCES users (id) DEFERRABLE INITIALLY DEFERRED)"
+    )
+    conn.execute(
+        "CREATE TABLE pulls (user_id TEXT, policy TEXT, arm TEXT, n INTEGER,"
+        " PRIMARY KEY (user_id, policy, arm))"
+    )
+    row = ("d1", "u", "p", 1.0, "a", "", b"x")
+    kind, reason = decision_writer._commit(conn, [("decisions", [row])])
+    assert (kind, "FOREIGN KEY" in reason) == ("refused", True)
+    assert not conn.in_transaction
+    conn.execute("INSERT INTO users VALUES ('u')")
+    assert decision_writer._commit(conn, [("decisions", [row])]) == ("ok", "")
+    assert conn.execute("SELECT n FROM pulls").fetchone() == (1,)
+    conn.close()

@@ -157,17 +157,22 @@ def frame(value: object) -> bytes:
 def _commit(conn: sqlite3.Connection, steps: Sequence[Step]) -> tuple[str, str]:
     try:
         conn.execute("BEGIN IMMEDIATE")
-        try:
-            apply(conn, steps)
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
+        apply(conn, steps)
         conn.execute("COMMIT")
     except sqlite3.OperationalError as e:  # busy, full, read-only, I/O
-        return "transient", f"sqlite: {e}"
+        return _rolled_back(conn, "transient", f"sqlite: {e}")
     except (sqlite3.Error, ValueError, TypeError) as e:
-        return "refused", f"{type(e).__name__}: {e}"
+        return _rolled_back(conn, "refused", f"{type(e).__name__}: {e}")
     return "ok", ""
+
+
+def _rolled_back(conn: sqlite3.Connection, kind: str, reason: str) -> tuple[str, str]:
+    # A failed COMMIT (a full disk) can leave the transaction open, and every later BEGIN
+    # would then fail: nothing of the batch stands, and the next one starts clean.
+    if conn.in_transaction:
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
+    return kind, reason
 
 
 def main(path: str) -> int:
