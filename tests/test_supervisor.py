@@ -9,6 +9,7 @@ import pytest
 from oo_ml import config as config_mod
 from oo_ml.app.supervisor import App
 from oo_ml.errors import TransientStoreError
+from oo_ml.stores.sqlite import decision_writer
 
 
 def app_in(tmp_path: Path, **env: str) -> App:
@@ -50,3 +51,22 @@ async def test_max_arms_below_the_proto_candidate_limit_refuses_to_start(tmp_pat
     app = app_in(tmp_path, OO_MAX_ARMS="10")
     with pytest.raises(ValueError, match="OO_MAX_ARMS"):
         await app.start()
+
+
+async def test_a_decision_writer_that_cannot_run_stops_the_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The child is started, and answers an empty batch, before the server listens: an
+    interpreter that is not there fails the start with the reason and the way around
+    it, instead of every flush after it."""
+    monkeypatch.setattr(decision_writer.sys, "executable", str(tmp_path / "no-python"))
+    app = app_in(tmp_path)
+    with pytest.raises(
+        RuntimeError, match=r"decision writer process cannot run.*OO_DECISION_WRITER=thread"
+    ):
+        await app.start()
+    await app.stop()
+    monkeypatch.undo()
+    thread = app_in(tmp_path, OO_DECISION_WRITER="thread")  # the way around it
+    await thread.start()
+    await thread.stop()

@@ -140,6 +140,14 @@ class App:
                 cfg.server.data_dir / DB_FILE, decision_writer=cfg.scoring.decision_writer
             )
             self.store = store = sqlite_store
+            if sqlite_store.writer is not None:
+                try:
+                    await sqlite_store.writer.check()
+                except OSError as e:
+                    raise RuntimeError(
+                        f"the decision writer process cannot run ({e});"
+                        " OO_DECISION_WRITER=thread does without it"
+                    ) from e
             if cfg.ingest.enabled:
                 profiles = self.profiles = SqliteProfileStore(
                     sqlite_store.db,

@@ -157,6 +157,13 @@ class DecisionLog:
         self._inflight_ids = {w.record.decision_id for w in writes if isinstance(w, InsertDecision)}
         try:
             await self.store.commit(writes)
+        except asyncio.CancelledError:
+            # Cancelled mid-commit (the loop is being torn down): the writes go back, for
+            # whoever flushes next; the stores' inserts are idempotent, so writes that
+            # landed anyway land once.
+            self._writes = writes + self._writes
+            self._waiters = waiters + self._waiters
+            raise
         except TransientStoreError as e:
             self.counters.commit_failures += 1
             self.failed_at = time.monotonic()

@@ -161,7 +161,7 @@ def _commit(conn: sqlite3.Connection, steps: Sequence[Step]) -> tuple[str, str]:
         conn.execute("COMMIT")
     except sqlite3.OperationalError as e:  # busy, full, read-only, I/O
         return _rolled_back(conn, "transient", f"sqlite: {e}")
-    except (sqlite3.Error, ValueError, TypeError) as e:
+    except Exception as e:  # the batch's own fault: a bad row, a constraint
         return _rolled_back(conn, "refused", f"{type(e).__name__}: {e}")
     return "ok", ""
 
@@ -191,8 +191,13 @@ def main(path: str) -> int:
         steps = read_frame(stdin)
         if steps is None:
             break
-        stdout.write(frame(_commit(conn, steps)))  # type: ignore[arg-type]
-        stdout.flush()
+        reply = frame(_commit(conn, steps))  # type: ignore[arg-type]
+        try:
+            stdout.write(reply)
+            stdout.flush()
+        except BrokenPipeError:  # the parent is gone; the batch is committed
+            conn.close()
+            os._exit(0)  # not sys.exit: flushing stdout at exit would fail again, loudly
     conn.close()
     return 0
 
@@ -220,40 +225,69 @@ class WriterProcess:
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None else None
 
+    async def check(self) -> None:
+        """Start the child and exchange an empty batch with it: a server whose child
+        cannot run (no such interpreter, no processes left) fails at start, not at every
+        flush after it."""
+        await self.commit([])
+
     async def commit(self, steps: Sequence[Step]) -> None:
         if self._closed:
             raise OSError("the decision writer is closed")
-        loop = asyncio.get_running_loop()
-        if self._loop is not loop:  # a store used from another loop (tests, CLI runs)
-            self._abandon()
-            self._loop, self._lock = loop, asyncio.Lock()
-        assert self._lock is not None
-        async with self._lock:
+        lock = self._lock_for(asyncio.get_running_loop())
+        async with lock:
             kind, reason = await self._exchange(steps)
         if kind == "transient":
             raise OSError(reason)
         if kind == "refused":
             raise RefusedBatch(reason)
 
+    def _lock_for(self, loop: asyncio.AbstractEventLoop) -> asyncio.Lock:
+        if self._loop is not loop or self._lock is None:
+            # A store used from another loop (tests, one-off CLI runs): the child's pipes
+            # belong to the old loop, and no batch of that loop is in flight any more.
+            self._abandon(reap=True)
+            self._loop, self._lock = loop, asyncio.Lock()
+        return self._lock
+
     async def _exchange(self, steps: Sequence[Step]) -> tuple[str, str]:
+        data = frame(list(steps))
         proc = self._proc
         if proc is None or proc.returncode is not None:
             proc = await self._start()
-        assert proc.stdin is not None and proc.stdout is not None
         try:
-            proc.stdin.write(frame(list(steps)))
-            await proc.stdin.drain()
+            await self._send(proc, data)
+        except OSError:
+            # The child died since the last batch, and asyncio has not noticed yet: this
+            # batch never reached it. A new child gets it, once.
+            self._abandon()
+            proc = await self._start()
+            await self._send(proc, data)
+        assert proc.stdout is not None
+        try:
             (n,) = FRAME.unpack(await proc.stdout.readexactly(FRAME.size))
             reply = pickle.loads(await proc.stdout.readexactly(n))
         except (OSError, EOFError, asyncio.IncompleteReadError) as e:
             self._abandon()
             raise OSError(f"the decision writer process ended: {e}") from e
         except BaseException:
-            # Cancelled mid-exchange: the pipe may hold half a frame or an unread reply.
-            # The child goes; the batch, committed or not, is retried and lands once.
-            self._abandon()
+            # Cancelled while the child commits: let it finish that batch and go (end of
+            # input), rather than kill it mid-commit; the next batch starts a new child.
+            self._detach()
             raise
         return reply  # type: ignore[no-any-return]
+
+    async def _send(self, proc: asyncio.subprocess.Process, data: bytes) -> None:
+        assert proc.stdin is not None
+        try:
+            proc.stdin.write(data)
+            await proc.stdin.drain()
+        except OSError:
+            raise
+        except BaseException:
+            # Cancelled with part of a frame in the pipe: the child cannot be reused.
+            self._abandon()
+            raise
 
     async def _start(self) -> asyncio.subprocess.Process:
         self._proc = await asyncio.create_subprocess_exec(
@@ -269,22 +303,34 @@ class WriterProcess:
             log.warning("decision writer process restarted (pid %d)", self._proc.pid)
         return self._proc
 
-    def _abandon(self) -> None:
-        """Stop the child now, without waiting: it ends at its next read anyway."""
-        proc, self._proc = self._proc, None
-        if proc is not None and proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(proc.pid, signal.SIGKILL)
-
-    async def close(self) -> None:
-        """End the child: end of input, then its exit (it finishes the batch it holds)."""
-        self._closed = True
+    def _abandon(self, reap: bool = False) -> None:
+        """Kill the child now. `reap`: also collect its exit status here, for a child
+        whose loop (and so whose child watcher) may be gone."""
         proc, self._proc = self._proc, None
         if proc is None or proc.returncode is not None:
             return
-        if self._loop is not asyncio.get_running_loop():
-            self._proc = proc
-            self._abandon()  # its pipes belong to a loop that is gone; it holds no batch
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGKILL)
+        if reap:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(proc.pid, 0)
+
+    def _detach(self) -> None:
+        """Let the child finish what it holds and exit: end of its input."""
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.stdin is not None:
+            proc.stdin.close()
+
+    async def close(self) -> None:
+        """End the child: end of input, then its exit (after the batch it holds)."""
+        self._closed = True
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop or self._lock is None:
+            self._abandon(reap=True)
+            return
+        async with self._lock:  # a batch in flight (or a child starting) first
+            proc, self._proc = self._proc, None
+        if proc is None or proc.returncode is not None:
             return
         assert proc.stdin is not None
         proc.stdin.close()

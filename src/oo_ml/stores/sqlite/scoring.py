@@ -647,6 +647,8 @@ class SqliteStore:
         return await self.db.read(q) if ids else {}
 
     async def close(self) -> None:
-        if self.writer is not None:
-            await self.writer.close()
-        await self.db.close()
+        try:
+            if self.writer is not None:
+                await self.writer.close()
+        finally:
+            await self.db.close()
