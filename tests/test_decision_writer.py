@@ -92,19 +92,29 @@ async def test_a_batch_whose_reply_was_lost_lands_once_when_retried(tmp_path: Pa
         await store.close()
 
 
+async def stopped_holding(
+    store: SqliteStore, write: InsertDecision
+) -> tuple[int, asyncio.Task[dict[tuple[str, str], int]]]:
+    """After one batch, the child stopped (SIGSTOP) with `write`'s batch unread in its
+    pipe: (its pid, the commit waiting for it)."""
+    assert store.writer is not None
+    await store.commit([decision(0)])
+    pid = store.writer.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)
+    in_flight = asyncio.create_task(store.commit([write]))
+    await asyncio.sleep(0.2)
+    assert not in_flight.done()
+    return pid, in_flight
+
+
 async def test_a_child_killed_mid_batch_fails_it_transiently_and_is_replaced(
     tmp_path: Path,
 ) -> None:
     store = SqliteStore.open(tmp_path / "s.db", decision_writer="process")
     try:
         assert store.writer is not None
-        await store.commit([decision(0)])
-        first = store.writer.pid
-        assert first is not None
-        os.kill(first, signal.SIGSTOP)  # it holds the next batch, unread, until killed
-        in_flight = asyncio.create_task(store.commit([decision(1)]))
-        await asyncio.sleep(0.2)
-        assert not in_flight.done()
+        first, in_flight = await stopped_holding(store, decision(1))
         os.kill(first, signal.SIGKILL)
         with pytest.raises(TransientStoreError, match="decision writer process ended"):
             await in_flight
@@ -134,12 +144,7 @@ async def test_a_commit_cancelled_mid_batch_lets_the_child_finish_it(tmp_path: P
     store = SqliteStore.open(tmp_path / "s.db", decision_writer="process")
     try:
         assert store.writer is not None
-        await store.commit([decision(0)])
-        pid = store.writer.pid
-        assert pid is not None
-        os.kill(pid, signal.SIGSTOP)  # the next frame waits in the pipe
-        in_flight = asyncio.create_task(store.commit([decision(1)]))
-        await asyncio.sleep(0.2)
+        pid, in_flight = await stopped_holding(store, decision(1))
         in_flight.cancel()
         with pytest.raises(asyncio.CancelledError):
             await in_flight
