@@ -351,10 +351,11 @@ class SqliteStore:
         # Decisions and shadow views are encoded here, on the caller's thread (the event
         # loop, after the answers went out): what crosses to the writer is rows.
         steps = _steps(writes)
-        if self.writer is not None and steps and all(isinstance(s, tuple) for s in steps):
+        rows = [s for s in steps if isinstance(s, tuple)]
+        if self.writer is not None and rows and len(rows) == len(steps):
             # The decision log's group commits: to the child process (decision_writer).
             try:
-                await self.writer.commit(steps)  # type: ignore[arg-type]
+                await self.writer.commit(rows)
             except OSError as e:
                 raise TransientStoreError(str(e)) from e
             return {}
