@@ -208,10 +208,10 @@ class RefusedBatch(Exception):
 
 
 class WriterProcess:
-    """The parent's end: one child per store, started by `check` (the server's start) or on
-    first use, and again after it
-    died (a batch it took down with it is retried by the decision log, and lands once).
-    One batch is in the pipe at a time; the decision log sends one at a time anyway."""
+    """The parent's end: one child per store, started by `check` (the server's start) or
+    on first use, and again after it died (a batch it took down with it is retried by the
+    decision log, and lands once). One batch is in the pipe at a time; the decision log
+    sends one at a time anyway."""
 
     def __init__(self, path: str) -> None:
         self.path = path
