@@ -7,6 +7,7 @@ import asyncio
 import io
 import json
 import logging
+from typing import Any
 
 import grpc
 import pytest
@@ -15,6 +16,8 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from oo.scoring.v1 import scoring_pb2 as pb
 from oo_ml.app.logs import JsonFormatter, RequestIdFilter
+from oo_ml.app.metrics import Metrics
+from oo_ml.edge.interceptors import EdgeGuard
 from tests.conftest import Running, ServerFactory
 
 TOKEN = "user-token"
@@ -186,3 +189,53 @@ async def test_reflection_needs_the_token_when_auth_is_on(server_factory: Server
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await public.stub.Stats(pb.StatsRequest(), timeout=5)
     assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+class _StatusOnAbort:
+    """The part of a grpc.aio servicer context the guard touches, with grpc.aio's order:
+    `abort()` sends the status (here: notes what a scrape would show) and only then raises.
+    A real server cannot show this order on demand; which side resumes first is luck."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+        self.counted_at_status: tuple[float, float] | None = None
+
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        return ()
+
+    def set_trailing_metadata(self, _: object) -> None:
+        pass
+
+    def time_remaining(self) -> float | None:
+        return None
+
+    async def abort(self, code: grpc.StatusCode, details: str, trailing_metadata: object) -> None:
+        self.counted_at_status = (
+            self.metrics.value("oo_rpc_seconds_count", (("method", "Score"),)),
+            self.metrics.value("oo_rpc_total", (("method", "Score"), ("code", code.name))),
+        )
+        raise grpc.aio.AbortError()
+
+
+async def test_a_refused_call_is_counted_before_its_status_is_sent() -> None:
+    """The client can hold the status before the handler resumes from `abort()`, and an
+    operator (or a test) scraping right then must see the call. CI once did not."""
+    metrics = Metrics()
+    guard = EdgeGuard(None, None, metrics)
+
+    async def never_runs(request: object, context: object) -> None:
+        raise AssertionError("an undecodable body reached the handler")
+
+    wrapped = guard._wrap(
+        SCORE,
+        grpc.unary_unary_rpc_method_handler(
+            never_runs, request_deserializer=pb.ScoreRequest.FromString
+        ),
+    )
+    context = _StatusOnAbort(metrics)
+    handle: Any = wrapped.unary_unary  # typed sync by the grpc stubs; a coroutine under aio
+    with pytest.raises(grpc.aio.AbortError):
+        await handle(GARBAGE, context)
+    assert context.counted_at_status == (1, 1)
+    # ... and counted once, not again on the way out.
+    assert metrics.value("oo_rpc_seconds_count", (("method", "Score"),)) == 1

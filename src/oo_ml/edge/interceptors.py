@@ -256,10 +256,14 @@ class EdgeGuard:
                     code = "CANCELLED"  # the client went away (or the server is stopping)
                     raise
                 except Exception as e:
-                    code = _code_name(e)
+                    # Recorded before the abort: grpc.aio sends the status inside abort(),
+                    # so a client could scrape before `finally` ran.
+                    record(_code_name(e), time.perf_counter() - started)
+                    code = ""
                     await fail(method, context, e)
                 finally:
-                    record(code, time.perf_counter() - started)
+                    if code:
+                        record(code, time.perf_counter() - started)
 
             return grpc.unary_unary_rpc_method_handler(
                 unary, request_deserializer=None, response_serializer=handler.response_serializer
@@ -284,10 +288,14 @@ class EdgeGuard:
                     code = "CANCELLED"
                     raise
                 except Exception as e:
-                    code = _code_name(e)
+                    # Recorded before the abort: grpc.aio sends the status inside abort(),
+                    # so a client could scrape before `finally` ran.
+                    record(_code_name(e), time.perf_counter() - started)
+                    code = ""
                     await fail(method, context, e)
                 finally:
-                    record(code, time.perf_counter() - started)
+                    if code:
+                        record(code, time.perf_counter() - started)
 
             return grpc.unary_stream_rpc_method_handler(
                 stream, request_deserializer=None, response_serializer=handler.response_serializer
@@ -308,10 +316,14 @@ class EdgeGuard:
                     code = "CANCELLED"
                     raise
                 except Exception as e:
-                    code = _code_name(e)
+                    # Recorded before the abort: grpc.aio sends the status inside abort(),
+                    # so a client could scrape before `finally` ran.
+                    record(_code_name(e), time.perf_counter() - started)
+                    code = ""
                     await fail(method, context, e)
                 finally:
-                    record(code, time.perf_counter() - started)
+                    if code:
+                        record(code, time.perf_counter() - started)
 
             return grpc.stream_stream_rpc_method_handler(
                 bidi,
