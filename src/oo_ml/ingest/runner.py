@@ -303,7 +303,9 @@ class Ingest:
             self._spawn_supervised(f"consumer {spec.durable}", consumer.run)
         self._spawn_supervised(
             "serve publisher",
-            lambda stop: self.publisher.run(js, stop, self._connected_event, self.tuning.drain_s),
+            lambda stop: self.publisher.run(
+                nc, js, stop, self._connected_event, self.tuning.drain_s
+            ),
         )
         self._spawn_supervised("pruner", self._prune_loop)
         if self.local_server is not None:
