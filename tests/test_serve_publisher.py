@@ -14,16 +14,21 @@ from nats.aio.client import Client
 from oo.events.v1 import envelope_pb2
 from oo_ml.domain.decisions import DecisionRecord, LoggedCandidate
 from oo_ml.ingest.counters import IngestCounters
-from oo_ml.ingest.nats_server import LocalNatsServer
 from oo_ml.ingest.publisher import SUBJECT, ServePublisher
 from tests.helpers import assert_eventually
 from tests.natsfix import running_nats
 
 
 @pytest.fixture
-async def nats_server(tmp_path: Path) -> AsyncIterator[LocalNatsServer]:
+async def nc(tmp_path: Path) -> AsyncIterator[Client]:
+    """A connection to a fresh nats-server with JetStream and no streams."""
     async with running_nats(tmp_path / "nats") as server:
-        yield server
+        client = Client()
+        await client.connect(server.url)
+        try:
+            yield client
+        finally:
+            await client.close()
 
 
 def record(i: int) -> DecisionRecord:
@@ -61,54 +66,42 @@ async def publish_all(nc: Client, publisher: ServePublisher, records: list[Decis
         await task
 
 
-async def test_a_batch_is_stored_whole_in_order_and_acknowledged_once(
-    nats_server: LocalNatsServer,
-) -> None:
-    nc = Client()
-    await nc.connect(nats_server.url)
-    try:
-        js = nc.jetstream()
-        await js.add_stream(name="OO_SIGNALS", subjects=["signals.>"])
-        counters = IngestCounters()
-        records = [record(i) for i in range(300)]
-        received = nc.stats["in_msgs"]
-        # Queued before the publisher runs: two batches, 256 and 44.
-        await publish_all(nc, ServePublisher(counters), records)
-        assert (counters.published, counters.publish_failed) == (300, 0)
-        # A reply per signal would be 300 messages back; one per batch is 2.
-        assert nc.stats["in_msgs"] - received == 2
-        info = await js.stream_info("OO_SIGNALS")
-        assert info.state.messages == 300
-        sub = await js.pull_subscribe(SUBJECT, "check")
-        stored = [m for _ in range(2) for m in await sub.fetch(256, timeout=2)][:300]
-        ids = [envelope_pb2.Envelope.FromString(m.data).tip_served.decision_id for m in stored]
-        assert ids == [r.decision_id for r in records]
-        assert all(
-            m.headers and m.headers["Nats-Msg-Id"] == f"served-{i}"
-            for i, m in zip(ids, stored, strict=True)
-        )
-        # A batch sent again (a retry) is dropped by the stream's duplicate window.
-        await publish_all(nc, ServePublisher(counters), records[:10])
-        assert (await js.stream_info("OO_SIGNALS")).state.messages == 300
-    finally:
-        await nc.close()
+async def test_a_batch_is_stored_whole_in_order_and_acknowledged_once(nc: Client) -> None:
+    js = nc.jetstream()
+    await js.add_stream(name="OO_SIGNALS", subjects=["signals.>"])
+    counters = IngestCounters()
+    records = [record(i) for i in range(300)]
+    received = nc.stats["in_msgs"]
+    # Queued before the publisher runs: two batches, 256 and 44.
+    await publish_all(nc, ServePublisher(counters), records)
+    assert (counters.published, counters.publish_failed) == (300, 0)
+    # A reply per signal would be 300 messages back; one per batch is 2.
+    assert nc.stats["in_msgs"] - received == 2
+    info = await js.stream_info("OO_SIGNALS")
+    assert info.state.messages == 300
+    sub = await js.pull_subscribe(SUBJECT, "check")
+    stored = [m for _ in range(2) for m in await sub.fetch(256, timeout=2)][:300]
+    ids = [envelope_pb2.Envelope.FromString(m.data).tip_served.decision_id for m in stored]
+    assert ids == [r.decision_id for r in records]
+    assert all(
+        m.headers and m.headers["Nats-Msg-Id"] == f"served-{i}"
+        for i, m in zip(ids, stored, strict=True)
+    )
+    # A batch sent again (a retry) is dropped by the stream's duplicate window.
+    await publish_all(nc, ServePublisher(counters), records[:10])
+    assert (await js.stream_info("OO_SIGNALS")).state.messages == 300
 
 
 async def test_a_batch_without_its_ack_counts_as_failed_and_the_next_one_goes(
-    nats_server: LocalNatsServer,
+    nc: Client,
 ) -> None:
-    nc = Client()
-    await nc.connect(nats_server.url)
-    try:
-        js = nc.jetstream()
-        counters = IngestCounters()
-        publisher = ServePublisher(counters, ack_timeout_s=1.0)
-        # No stream takes signals.> yet: the last signal's publish has no responder.
-        await publish_all(nc, publisher, [record(i) for i in range(20)])
-        assert (counters.published, counters.publish_failed) == (0, 20)
-        await js.add_stream(name="OO_SIGNALS", subjects=["signals.>"])
-        await publish_all(nc, publisher, [record(i) for i in range(20, 25)])
-        assert (counters.published, counters.publish_failed) == (5, 20)
-        assert (await js.stream_info("OO_SIGNALS")).state.messages == 5
-    finally:
-        await nc.close()
+    js = nc.jetstream()
+    counters = IngestCounters()
+    publisher = ServePublisher(counters, ack_timeout_s=1.0)
+    # No stream takes signals.> yet: the last signal's publish has no responder.
+    await publish_all(nc, publisher, [record(i) for i in range(20)])
+    assert (counters.published, counters.publish_failed) == (0, 20)
+    await js.add_stream(name="OO_SIGNALS", subjects=["signals.>"])
+    await publish_all(nc, publisher, [record(i) for i in range(20, 25)])
+    assert (counters.published, counters.publish_failed) == (5, 20)
+    assert (await js.stream_info("OO_SIGNALS")).state.messages == 5
