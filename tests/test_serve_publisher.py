@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 
 from oo.events.v1 import envelope_pb2
 from oo_ml.domain.decisions import DecisionRecord, LoggedCandidate
@@ -80,7 +81,9 @@ async def test_a_batch_is_stored_whole_in_order_and_acknowledged_once(nc: Client
     info = await js.stream_info("OO_SIGNALS")
     assert info.state.messages == 300
     sub = await js.pull_subscribe(SUBJECT, "check")
-    stored = [m for _ in range(2) for m in await sub.fetch(256, timeout=2)][:300]
+    stored: list[Msg] = []
+    while len(stored) < 300:
+        stored += await sub.fetch(300 - len(stored), timeout=2)
     ids = [envelope_pb2.Envelope.FromString(m.data).tip_served.decision_id for m in stored]
     assert ids == [r.decision_id for r in records]
     assert all(
