@@ -20,6 +20,7 @@ from oo.scoring.v1 import scoring_pb2 as pb
 from oo.scoring.v1 import scoring_pb2_grpc
 from oo_ml.domain.ports import InsertDecision
 from oo_ml.errors import TransientStoreError
+from oo_ml.stores import codec
 from oo_ml.stores.sqlite import decision_writer
 from oo_ml.stores.sqlite.decision_writer import RefusedBatch, WriterProcess
 from oo_ml.stores.sqlite.scoring import SqliteStore
@@ -77,6 +78,30 @@ async def test_decision_batches_go_to_a_child_process(tmp_path: Path) -> None:
     finally:
         await store.close()
     assert not alive(pid)  # closing the store ends the child
+
+
+@pytest.mark.parametrize("writer", ["process", "thread"])
+async def test_both_writers_store_the_codec_s_bytes(tmp_path: Path, writer: str) -> None:
+    """The loop hands the writer a serialized record and the writer compresses it (off the
+    loop); what lands must be exactly `codec.encode_decision`'s bytes, so the NATS store,
+    the old rows and every reader see one format."""
+    assert decision_writer.COMPRESS_LEVEL == codec.COMPRESS_LEVEL
+    store = SqliteStore.open(tmp_path / "s.db", decision_writer=writer)
+    try:
+        await store.commit([decision(i, arm="a" if i % 2 else "b") for i in range(5)])
+    finally:
+        await store.close()
+    conn = sqlite3.connect(tmp_path / "s.db")
+    try:
+        stored = dict(conn.execute("SELECT decision_id, data FROM decisions").fetchall())
+    finally:
+        conn.close()
+    want = {
+        r.decision_id: codec.encode_decision(r)
+        for r in (rec(i, arm="a" if i % 2 else "b") for i in range(5))
+    }
+    assert stored == want
+    assert all(blob[:1] == b"\x78" for blob in stored.values())  # compressed, as before
 
 
 async def test_a_batch_whose_reply_was_lost_lands_once_when_retried(tmp_path: Path) -> None:

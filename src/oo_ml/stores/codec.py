@@ -102,6 +102,7 @@ def _decode_state(data: bytes) -> PolicyState:
 # Decisions are written in format 2 (float32 arrays, no fields the store's columns hold);
 # format 1 records (float64, every field in the blob) are still read.
 DECISION_FORMAT = 2
+COMPRESS_LEVEL = 1
 _F32 = np.dtype("<f4")
 
 
@@ -116,8 +117,14 @@ class DecisionKey:
 
 
 def encode_decision(r: DecisionRecord) -> bytes:
-    """A decision as the log stores it: about 0.3 KB with ten candidates. Shadows' views
+    """A decision as the log stores it: about 0.2 KB with ten candidates. Shadows' views
     are stored apart (`encode_shadow_views`), never in the record."""
+    return compress_decision(serialize_decision(r))
+
+
+def serialize_decision(r: DecisionRecord) -> bytes:
+    """`encode_decision` before its compression: what the SQLite store hands its decision
+    writer, which compresses it (`compress_decision`) off the event loop."""
     msg = state_pb2.Decision(
         format_version=DECISION_FORMAT,
         feature_version=r.feature_version,
@@ -134,9 +141,14 @@ def encode_decision(r: DecisionRecord) -> bytes:
             generation_id=c.generation_id,
             prompt_version=c.prompt_version,
         )
-    # zlib at its fastest level (about 6 us, on the store's writer thread) takes a third
-    # off: tip ids and arm names repeat, and most propensities are equal.
-    return zlib.compress(msg.SerializeToString(deterministic=True), 1)
+    return msg.SerializeToString(deterministic=True)
+
+
+def compress_decision(serialized: bytes) -> bytes:
+    """zlib at its fastest level (about 6 us) takes a third off: tip ids and arm names
+    repeat, and most propensities are equal. The SQLite decision writer runs the same call
+    (`decision_writer.COMPRESS_LEVEL`, stdlib only), so both give the same bytes."""
+    return zlib.compress(serialized, COMPRESS_LEVEL)
 
 
 # A zlib stream opens with 0x78; a serialised Decision opens with field 1's tag, 0x08

@@ -6,7 +6,7 @@ commit cost the event loop far more than the commit's own work: the thread takes
 back from the busy loop several times a commit (every SQLite step and zlib release it),
 and under load those handoffs cost the loop about 0.1 ms of CPU per Score, a quarter of
 its budget. A child process has its own interpreter: the loop encodes the rows, writes
-one frame to a pipe and reads one back, and the child runs the SQL (ADR 0023; figures in
+one frame to a pipe and reads one back, and the child compresses the records and runs the SQL (ADR 0023; figures in
 bench/results/). The child is this module run as a script, with no oo_ml import beyond
 it, so it starts in a few tens of milliseconds.
 
@@ -37,19 +37,23 @@ import signal
 import sqlite3
 import struct
 import sys
+import zlib
 from collections.abc import Iterator, Sequence
 from typing import BinaryIO
 
 log = logging.getLogger(__name__)
 
 # A decision's row in `decisions`: id, user, policy, created_at, chosen arm, prompt
-# version, the encoded record.
+# version, the serialized record (`codec.serialize_decision`), compressed here on insert.
 DecisionRow = tuple[str, str, str, float, str, str, bytes]
 # A decision's shadow views: its id and their encoding.
 ShadowRow = tuple[str, bytes]
 Step = tuple[str, Sequence[DecisionRow] | Sequence[ShadowRow]]
 
 FRAME = struct.Struct("<I")
+
+# codec.COMPRESS_LEVEL (this module imports nothing of oo_ml; a test holds them equal).
+COMPRESS_LEVEL = 1
 
 # A run of decisions is inserted by multi-row statements of these sizes (largest first):
 # each size's statement is prepared once and cached, and a group commit of n decisions
@@ -91,9 +95,11 @@ def insert_decisions(conn: sqlite3.Connection, run: Sequence[DecisionRow]) -> No
     present = _present(conn, [row[0] for row in run])
     if present:
         run = [row for row in run if row[0] not in present]
-    rows = [v for row in run for v in row]
+    rows: list[object] = []
     pulls: dict[tuple[str, str, str], int] = {}
-    for _, user_id, policy, _, arm, _, _ in run:
+    for decision_id, user_id, policy, created_at, arm, prompt_version, record in run:
+        data = zlib.compress(record, COMPRESS_LEVEL)
+        rows += (decision_id, user_id, policy, created_at, arm, prompt_version, data)
         key = (user_id, policy, arm)
         pulls[key] = pulls.get(key, 0) + 1
     for start, size in _chunks(len(run), 7, conn):
