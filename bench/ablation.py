@@ -86,16 +86,17 @@ def serve(variant: str, argv: list[str]) -> int:
     if variant == "noencode":
         from oo_ml.stores.sqlite import scoring
 
-        scoring.encode_decision = lambda record: b"x" * 300  # type: ignore[attr-defined,assignment]
+        scoring.serialize_decision = lambda record: b"x" * 300
     if variant == "nozlib":
-        from oo_ml.stores import codec
+        # The writer compresses (on the thread here, see _ON_THE_THREAD).
+        from oo_ml.stores.sqlite import decision_writer
 
         class Stored:
             @staticmethod
             def compress(data: bytes, level: int) -> bytes:
                 return data
 
-        codec.zlib = Stored  # type: ignore[attr-defined,assignment]
+        decision_writer.zlib = Stored  # type: ignore[assignment]
     if variant == "const":
         from oo_ml.edge import service
 

@@ -104,6 +104,39 @@ async def test_both_writers_store_the_codec_s_bytes(tmp_path: Path, writer: str)
     assert all(blob[:1] == b"\x78" for blob in stored.values())  # compressed, as before
 
 
+async def test_a_record_compressed_by_its_sender_is_stored_as_it_is(tmp_path: Path) -> None:
+    """A parent from before the writer compressed may meet a child started from an upgraded
+    package: its records arrive compressed, and compressing them again would make them
+    unreadable."""
+    store = SqliteStore.open(tmp_path / "s.db")  # makes the file and its schema
+    writer = WriterProcess(str(tmp_path / "s.db"))
+    r = rec(3)
+    try:
+        await writer.commit(
+            [
+                (
+                    "decisions",
+                    [
+                        (
+                            r.decision_id,
+                            r.user_id,
+                            r.policy,
+                            r.created_at,
+                            r.chosen.arm,
+                            "",
+                            codec.encode_decision(r),
+                        )
+                    ],
+                )
+            ]
+        )
+        got = await store.get_decision(r.decision_id)
+    finally:
+        await writer.close()
+        await store.close()
+    assert got is not None and got.record.candidates == r.candidates
+
+
 async def test_a_batch_whose_reply_was_lost_lands_once_when_retried(tmp_path: Path) -> None:
     """The child commits, then dies before its reply: the decision log retries the whole
     batch, which must insert nothing twice and count no pull twice."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -25,7 +26,7 @@ async def nc(tmp_path: Path) -> AsyncIterator[Client]:
     """A connection to a fresh nats-server with JetStream and no streams."""
     async with running_nats(tmp_path / "nats") as server:
         client = Client()
-        await client.connect(server.url)
+        await client.connect(server.url, reconnect_time_wait=0.2)
         try:
             yield client
         finally:
@@ -108,3 +109,35 @@ async def test_a_batch_without_its_ack_counts_as_failed_and_the_next_one_goes(
     await publish_all(nc, publisher, [record(i) for i in range(20, 25)])
     assert (counters.published, counters.publish_failed) == (5, 20)
     assert (await js.stream_info("OO_SIGNALS")).state.messages == 5
+
+
+async def test_a_batch_sent_across_a_reconnect_is_sent_again(nc: Client) -> None:
+    """A reconnect in the middle of a batch: what the client handed the dying socket is
+    gone, while the last signal, buffered by nats.py and sent after reconnecting, is acked.
+    That ack says nothing of the rest, so the batch goes again (the duplicate window drops
+    what had landed). The connection drop is real (the socket aborted, nats.py
+    reconnects); the lost bytes are injected, as a socket that dies with data in flight."""
+    js = nc.jetstream()
+    await js.add_stream(name="OO_SIGNALS", subjects=["signals.>"])
+    publish = nc.publish
+    calls = 0
+
+    async def publish_into_a_dying_socket(*args: Any, **kwargs: Any) -> None:
+        nonlocal calls
+        calls += 1
+        writer = nc._transport._io_writer  # type: ignore[union-attr]
+        if calls == 50:  # from here on, what is written never arrives ...
+            writer.write = writer.writelines = lambda data: None
+        if calls == 100:  # ... and then the connection drops
+            writer.transport.abort()
+        await publish(*args, **kwargs)
+        for _ in range(3):  # the loop runs other work (Score) between publishes
+            await asyncio.sleep(0)
+
+    nc.publish = publish_into_a_dying_socket  # type: ignore[method-assign]
+    counters = IngestCounters()
+    before = nc.stats["reconnects"]
+    await publish_all(nc, ServePublisher(counters), [record(i) for i in range(256)])
+    assert nc.stats["reconnects"] > before
+    assert (counters.published, counters.publish_failed) == (256, 0)
+    assert (await js.stream_info("OO_SIGNALS")).state.messages == 256

@@ -8,10 +8,12 @@ error on Score.
 One JetStream ack per batch, not per signal (ADR 0024): every signal but the batch's last is
 a core publish without a reply subject, and the last goes through JetStream and waits for
 its ack. One connection's messages reach the stream in order, and oo-ml's streams discard
-old messages rather than refuse new ones, so that ack answers for the batch. A per-message
-ack cost the event loop about 0.27 ms per Score under load (nats.py handles each ack reply
-as its own message), more than the publish itself. Batches size themselves: while one
-batch waits for its ack, the next one queues.
+old messages rather than refuse new ones, so on an unbroken connection that ack answers
+for the batch; a batch sent across a reconnect is sent again (the ADR lists the cases
+where early signals can still be lost). A per-message ack cost the event loop about
+0.27 ms per Score under load (nats.py handles each ack reply as its own message), more
+than the publish itself. Batches size themselves: while one batch waits for its ack, the
+next one queues.
 
 The event_id is derived from the decision id and sent as `Nats-Msg-Id`, so a retried
 publish is dropped by the stream's duplicate window and a redelivered one by the ingest's
@@ -154,21 +156,46 @@ class ServePublisher:
     async def _publish_batch(
         self, nc: Client, js: JetStreamContext, batch: list[DecisionRecord]
     ) -> None:
-        """The batch in order, acknowledged once: by the JetStream ack of its last signal."""
+        """The batch in order, acknowledged once: by the JetStream ack of its last signal.
+        If the connection was re-established meanwhile, signals handed to the dead socket
+        may be lost while the last one, resent from nats.py's buffer, is acked: the batch
+        is then sent again, once (the stream's duplicate window drops what did land)."""
+        for _ in range(2):
+            reconnects = nc.stats["reconnects"]
+            unsent, error = await self._send(nc, js, batch)
+            if error is None and nc.stats["reconnects"] == reconnects:
+                self.counters.published += len(batch) - unsent
+                self.counters.publish_failed += unsent
+                return
+            if error is not None:
+                break
+            log.info("NATS reconnected while %d serve signals were sent: again", len(batch))
+        # Unconfirmed, so all counted as failed, though some may be stored. Nothing more is
+        # retried: the signal is best effort, and a stored one is counted once anyway
+        # (Nats-Msg-Id, then the ingest's dedupe table).
+        self.counters.publish_failed += len(batch)
+        log.warning(
+            "%d serve signals were not acknowledged: %s", len(batch), error or "reconnected"
+        )
+
+    async def _send(
+        self, nc: Client, js: JetStreamContext, batch: list[DecisionRecord]
+    ) -> tuple[int, Exception | None]:
+        """All but the last as core publishes, the last through JetStream. Returns how
+        many were not handed to the connection, and the last one's error (None: acked)."""
         *rest, last = batch
-        sent = 0
+        unsent = 0
         for record in rest:
-            env = served_envelope(record)
             try:
+                env = served_envelope(record)
                 await nc.publish(
                     SUBJECT, env.SerializeToString(), headers={"Nats-Msg-Id": env.event_id}
                 )
-                sent += 1
             except Exception as e:  # not sent: this one is lost, the rest may still go
-                self.counters.publish_failed += 1
-                log.debug("publish of %s failed: %s", env.event_id, e)
-        env = served_envelope(last)
+                unsent += 1
+                log.debug("publish of serve signal %s failed: %s", record.decision_id, e)
         try:
+            env = served_envelope(last)
             await js.publish(
                 SUBJECT,
                 env.SerializeToString(),
@@ -176,10 +203,5 @@ class ServePublisher:
                 headers={"Nats-Msg-Id": env.event_id},
             )
         except Exception as e:
-            # Unconfirmed, so all counted as failed, though some may be stored. Nothing is
-            # retried: the signal is best effort, and a stored one is counted once anyway
-            # (Nats-Msg-Id, then the ingest's dedupe table).
-            self.counters.publish_failed += sent + 1
-            log.warning("%d serve signals were not acknowledged: %s", sent + 1, e)
-            return
-        self.counters.published += sent + 1
+            return unsent, e
+        return unsent, None

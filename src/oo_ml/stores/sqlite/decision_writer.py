@@ -98,7 +98,10 @@ def insert_decisions(conn: sqlite3.Connection, run: Sequence[DecisionRow]) -> No
     rows: list[object] = []
     pulls: dict[tuple[str, str, str], int] = {}
     for decision_id, user_id, policy, created_at, arm, prompt_version, record in run:
-        data = zlib.compress(record, COMPRESS_LEVEL)
+        # A serialized Decision opens with 0x08; one that opens with zlib's 0x78 was
+        # compressed by its sender already (a parent from before the writer compressed,
+        # meeting a child started from an upgraded package), and is stored as it is.
+        data = record if record[:1] == b"\x78" else zlib.compress(record, COMPRESS_LEVEL)
         rows += (decision_id, user_id, policy, created_at, arm, prompt_version, data)
         key = (user_id, policy, arm)
         pulls[key] = pulls.get(key, 0) + 1
