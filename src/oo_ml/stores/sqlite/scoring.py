@@ -179,8 +179,8 @@ def _decision_row(r: DecisionRecord) -> dw.DecisionRow:
 
 
 def _steps(writes: Sequence[Write]) -> list[Write | dw.Step]:
-    """`writes` with each run of decisions, and of shadow views, made one step of encoded
-    rows (`decision_writer`), in order."""
+    """`writes` with each run of decisions, and of shadow views, made one step of rows
+    (`decision_writer`), in order."""
     out: list[Write | dw.Step] = []
     decisions: list[dw.DecisionRow] | None = None
     shadows: list[dw.ShadowRow] | None = None
@@ -350,8 +350,9 @@ class SqliteStore:
 
     async def commit(self, writes: Sequence[Write]) -> dict[tuple[str, str], int]:
         origin = self.db.origin
-        # Decisions and shadow views are encoded here, on the caller's thread (the event
-        # loop, after the answers went out): what crosses to the writer is rows.
+        # Decisions are serialized and shadow views encoded here, on the caller's thread
+        # (the event loop, after the answers went out): what crosses to the writer is rows,
+        # which the writer compresses and inserts.
         steps = _steps(writes)
         rows = [s for s in steps if isinstance(s, tuple)]
         if self.writer is not None and rows and len(rows) == len(steps):
