@@ -231,6 +231,12 @@ class ScoringConfig:
     state_cache_mb: float = setting(
         256.0, "OO_STATE_CACHE_MB", "Memory for decoded user models; the least recent go first."
     )
+    decision_cache_mb: float = setting(
+        32.0,
+        "OO_DECISION_CACHE_MB",
+        "Memory for the decisions committed last, so that a Reward finds its decision"
+        " without reading the file (SQLite store); the oldest go first, 0 keeps none.",
+    )
     feature_cache_s: float = setting(
         30.0,
         "OO_FEATURE_CACHE_S",
@@ -369,6 +375,8 @@ class Config:
             problems.append("OO_DECISION_LOG_MAX_MB must be a finite number > 0")
         if not (math.isfinite(s.state_cache_mb) and s.state_cache_mb >= 0):
             problems.append("OO_STATE_CACHE_MB must be a finite number >= 0")
+        if not (math.isfinite(s.decision_cache_mb) and s.decision_cache_mb >= 0):
+            problems.append("OO_DECISION_CACHE_MB must be a finite number >= 0")
         if not (math.isfinite(s.feature_cache_s) and s.feature_cache_s >= 0):
             problems.append("OO_FEATURE_CACHE_S must be a finite number >= 0")
         if not (0 < s.shadow_cpu_share <= 1):

@@ -274,6 +274,24 @@ def _engine_families(engine: ScoringEngine) -> Iterable[Metric]:
     yield counter("oo_model_cache_hits", "Model cache hits.", models.hits)
     yield counter("oo_model_cache_misses", "Model cache misses.", models.misses)
     yield counter("oo_model_cache_evictions", "Model cache evictions.", models.evictions)
+    # Imported here: the workers' parent imports this module, and must load no stubs.
+    from oo_ml.stores.sqlite.recent import RecentDecisions
+
+    recent = getattr(engine.store, "recent", None)
+    if isinstance(recent, RecentDecisions):  # the SQLite store's
+        yield gauge("oo_decision_cache_entries", "Decisions kept for the Reward join.", len(recent))
+        yield gauge("oo_decision_cache_bytes", "Bytes of the kept decisions.", recent.bytes)
+        yield counter(
+            "oo_decision_cache_hits", "Rewards that found their decision kept.", recent.hits
+        )
+        yield counter(
+            "oo_decision_cache_misses",
+            "Rewards that read their decision from the file.",
+            recent.misses,
+        )
+        yield counter(
+            "oo_decision_cache_evictions", "Kept decisions dropped for room.", recent.evictions
+        )
 
 
 class Renders(Protocol):

@@ -137,7 +137,9 @@ class App:
                 profiles = nats_profiles
         else:
             sqlite_store = SqliteStore.open(
-                cfg.server.data_dir / DB_FILE, decision_writer=cfg.scoring.decision_writer
+                cfg.server.data_dir / DB_FILE,
+                decision_writer=cfg.scoring.decision_writer,
+                recent_decisions_mb=cfg.scoring.decision_cache_mb,
             )
             self.store = store = sqlite_store
             if sqlite_store.writer is not None:
