@@ -19,8 +19,9 @@ from oo_ml.domain.engine import ScoringEngine
 from oo_ml.domain.engine.types import Candidate, ScoreCommand
 from oo_ml.domain.features import Inputs, NoStoredFeatures
 from oo_ml.domain.ports import AttachShadows, InsertDecision, StoredDecision
-from oo_ml.errors import NotFound
+from oo_ml.errors import FailedPrecondition, NotFound
 from oo_ml.schema.contracts import ALL_FEATURES
+from oo_ml.stores.codec import encode_shadow_views
 from oo_ml.stores.sqlite.recent import ENTRY_OVERHEAD_BYTES, RecentDecisions
 from oo_ml.stores.sqlite.scoring import SqliteStore, _decision_row
 
@@ -119,12 +120,14 @@ def test_the_budget_drops_the_oldest_first_and_zero_keeps_nothing() -> None:
     assert len(off) == 0 and off.take(rec(9).decision_id) is None
 
 
+@pytest.mark.parametrize("writer", ["thread", "process"])
 async def test_a_decision_another_process_rewarded_is_not_learned_twice(
-    tmp_path: Path,
+    tmp_path: Path, writer: str
 ) -> None:
     """A's kept copy of its decision is stale once B (another worker on the file) has
     rewarded it: A's reward must answer applied=False and leave the model as B left it."""
-    sa, sb = SqliteStore.open(tmp_path / "x.db"), SqliteStore.open(tmp_path / "x.db")
+    sa = SqliteStore.open(tmp_path / "x.db", decision_writer=writer)
+    sb = SqliteStore.open(tmp_path / "x.db")
     cfg = ScoringConfig(default_policy="egreedy-v2")
     ea = ScoringEngine(cfg, sa, NoStoredFeatures(), ALL_FEATURES)
     eb = ScoringEngine(cfg, sb, NoStoredFeatures(), ALL_FEATURES)
@@ -146,8 +149,10 @@ async def test_a_decision_another_process_rewarded_is_not_learned_twice(
         await s.close()
 
 
-async def test_a_decision_another_process_reset_is_not_found(tmp_path: Path) -> None:
-    sa, sb = SqliteStore.open(tmp_path / "x.db"), SqliteStore.open(tmp_path / "x.db")
+@pytest.mark.parametrize("writer", ["thread", "process"])
+async def test_a_decision_another_process_reset_is_not_found(tmp_path: Path, writer: str) -> None:
+    sa = SqliteStore.open(tmp_path / "x.db", decision_writer=writer)
+    sb = SqliteStore.open(tmp_path / "x.db")
     cfg = ScoringConfig(default_policy="egreedy-v2")
     ea = ScoringEngine(cfg, sa, NoStoredFeatures(), ALL_FEATURES)
     cmd = ScoreCommand("u", tuple(Candidate(f"t-{a}", a) for a in ("x", "y")), Inputs({}), "")
@@ -161,6 +166,48 @@ async def test_a_decision_another_process_reset_is_not_found(tmp_path: Path) -> 
     await ea.close()
     for s in (sa, sb):
         await s.close()
+
+
+async def test_a_late_duplicate_of_another_process_reward_is_answered_as_one(
+    tmp_path: Path,
+) -> None:
+    """Past the reward window, A's kept (unrewarded-looking) copy must not turn B's
+    earlier reward into FAILED_PRECONDITION: the duplicate is applied=False, as before."""
+    sa, sb = SqliteStore.open(tmp_path / "x.db"), SqliteStore.open(tmp_path / "x.db")
+    now = [1000.0]
+    cfg = ScoringConfig(default_policy="egreedy-v2")
+    ea = ScoringEngine(cfg, sa, NoStoredFeatures(), ALL_FEATURES, clock=lambda: now[0])
+    eb = ScoringEngine(cfg, sb, NoStoredFeatures(), ALL_FEATURES, clock=lambda: now[0])
+    cmd = ScoreCommand("u", tuple(Candidate(f"t-{a}", a) for a in ("x", "y")), Inputs({}), "")
+    rewarded, never = (await ea.score(cmd)).record, (await ea.score(cmd)).record
+    await ea.log.durable()
+    assert (await eb.reward(rewarded.decision_id, 1.0)).applied
+    now[0] += cfg.reward_window_s + 1
+    assert not (await ea.reward(rewarded.decision_id, 1.0)).applied
+    assert sa.recent.hits == 1
+    with pytest.raises(FailedPrecondition):  # never rewarded, and too old: as before
+        await ea.reward(never.decision_id, 1.0)
+    for e in (ea, eb):
+        await e.close()
+    for s in (sa, sb):
+        await s.close()
+
+
+def test_shadow_views_and_resets_stay_within_bounds() -> None:
+    rows = [_decision_row(rec(i)) for i in range(2)]
+    each = len(rows[0][6]) + ENTRY_OVERHEAD_BYTES
+    view = ShadowView("linucb", "break", 0.3, (0.25, 0.75), (0.5, 0.125))
+    views = encode_shadow_views((view,), {})
+    recent = RecentDecisions(2 * each + len(views) - 1)
+    recent.keep(rows)
+    recent.attach([(rec(1).decision_id, views)])  # the newest grows past the budget
+    assert recent.bytes <= recent.budget_bytes and len(recent) == 1
+    kept = recent.take(rec(1).decision_id)  # the oldest went
+    assert kept is not None and kept.record.shadows == (view,)
+    off = RecentDecisions(0)
+    for i in range(3000):
+        off.forget_user(f"u{i}")
+    assert len(off._reset_at) == 0  # nothing kept, so nothing to void
 
 
 async def test_rewards_through_the_engine_read_their_decisions_from_memory(

@@ -116,8 +116,9 @@ async def test_an_undecodable_decision_is_set_aside_and_does_not_block_the_sweep
     store: SqliteStore, tmp_path: Path
 ) -> None:
     clock = Clock()
-    # Decisions as old as the sweep's are long out of the store's memory (ADR 0025): the
-    # copy on disk is the one read.
+    # What is tested is a record that does not decode on disk, so the store keeps no
+    # copy in memory here (ADR 0025): a kept copy, made before the corruption, would be
+    # the one read, and rewarded (the ADR says so).
     store.recent = RecentDecisions(0)
     engine = engine_on(store, clock)
     ids = [await score(engine, f"u{i}") for i in range(4)]

@@ -276,6 +276,11 @@ class ScoringEngine:
         if first.reward.reward is not None:
             return RewardResult(False, record.policy, record.chosen.arm)
         if source == "explicit" and now - record.created_at > self.config.reward_window_s:
+            # A store may answer from a copy it kept, which cannot know that another
+            # process rewarded the decision since: a duplicate is answered as one.
+            again = await self.store.get_decision(decision_id)
+            if again is not None and again.reward.reward is not None:
+                return RewardResult(False, record.policy, record.chosen.arm)
             raise FailedPrecondition(
                 f"decision {decision_id!r} is {now - record.created_at:.0f}s old; rewards are accepted"
                 f" for {self.config.reward_window_s:.0f}s"

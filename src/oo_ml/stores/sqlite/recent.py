@@ -20,6 +20,7 @@ again from the file. A reset in this process invalidates its user's entries at o
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
@@ -37,6 +38,8 @@ ENTRY_OVERHEAD_BYTES = 440
 """What an entry costs beside its record's bytes: the dict slot, the entry, the key and
 its strings. Measured with tracemalloc: 100,000 entries of ten candidates (302-byte
 records, a distinct user each) took 737 bytes each."""
+
+_RESETS_PRUNED_PAST = 1024  # resets remembered before the old ones are pruned
 
 _PENDING = RewardState(None, None, "")  # the reward columns of an unrewarded decision
 
@@ -60,10 +63,13 @@ class RecentDecisions:
         self.hits = 0
         self.misses = 0
         self.evictions = 0
-        self._entries: dict[str, _Entry] = {}
+        # OrderedDict, not dict: dropping the oldest is O(1) however many were dropped
+        # before (a plain dict's first item is found by skipping the slots emptied).
+        self._entries: OrderedDict[str, _Entry] = OrderedDict()
         self._seq = 0
         # The seq each user was last reset at; their entries kept before it are void.
         self._reset_at: dict[str, int] = {}
+        self._reset_limit = _RESETS_PRUNED_PAST
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -81,23 +87,33 @@ class RecentDecisions:
                 self.bytes -= old.size
             self._entries[decision_id] = _Entry(data, key, None, self._seq, size)
             self.bytes += size
-        while self.bytes > self.budget_bytes and self._entries:
-            oldest = next(iter(self._entries))
-            self.bytes -= self._entries.pop(oldest).size
-            self.evictions += 1
-        if len(self._reset_at) > 1024:
-            # Resets older than every entry can void nothing any more.
-            first = next(iter(self._entries.values())).seq if self._entries else self._seq + 1
-            self._reset_at = {u: s for u, s in self._reset_at.items() if s >= first}
+        self._evict()
 
     def attach(self, rows: Iterable[ShadowRow]) -> None:
         """Shadow views that were just committed beside their decisions."""
         for decision_id, views in rows:
             entry = self._entries.get(decision_id)
             if entry is not None:
-                self.bytes += len(views) - (len(entry.views) if entry.views else 0)
-                entry.size += len(views) - (len(entry.views) if entry.views else 0)
+                grown = len(views) - (len(entry.views) if entry.views else 0)
+                self.bytes += grown
+                entry.size += grown
                 entry.views = views
+        self._evict()
+
+    def _evict(self) -> None:
+        while self.bytes > self.budget_bytes and self._entries:
+            self.bytes -= self._entries.popitem(last=False)[1].size
+            self.evictions += 1
+        self._prune_resets()
+
+    def _prune_resets(self) -> None:
+        if len(self._reset_at) > self._reset_limit or not self._entries:
+            # Resets older than every entry can void nothing any more.
+            first = next(iter(self._entries.values())).seq if self._entries else self._seq + 1
+            self._reset_at = {u: s for u, s in self._reset_at.items() if s >= first}
+            # Scanned again only once it doubles: a prune that frees little is not redone
+            # at every reset.
+            self._reset_limit = max(_RESETS_PRUNED_PAST, 2 * len(self._reset_at))
 
     def discard(self, decision_id: str) -> None:
         """This process is marking the decision rewarded: the row is about to change."""
@@ -107,7 +123,9 @@ class RecentDecisions:
 
     def forget_user(self, user_id: str) -> None:
         """The user is being reset: their pending decisions leave the file."""
-        self._reset_at[user_id] = self._seq
+        if self._entries:  # else there is nothing to void
+            self._reset_at[user_id] = self._seq
+            self._prune_resets()
 
     def take(self, decision_id: str) -> StoredDecision | None:
         """The decision as the file holds it, unrewarded; None when it is not here (or was
