@@ -176,8 +176,12 @@ async def test_reflection_needs_the_token_when_auth_is_on(server_factory: Server
         return {s.name for s in reply.list_services_response.service}
 
     srv = await server_factory({"OO_AUTH_TOKEN": TOKEN})
+    # Refused at the call's start. Read, not write, first: a write that loses the race
+    # with the server's refusal fails on the client as INTERNAL ("Failed execute_batch",
+    # grpc.aio sets that status locally) and hides the server's UNAUTHENTICATED.
+    refused = reflection_pb2_grpc.ServerReflectionStub(srv.channel).ServerReflectionInfo(timeout=5)
     with pytest.raises(grpc.aio.AioRpcError) as err:
-        await list_services(srv)
+        await refused.read()
     assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
     assert "oo.scoring.v1.ScoringService" in await list_services(srv, AUTH)
     health = health_pb2_grpc.HealthStub(srv.channel)  # health stays open for probes
