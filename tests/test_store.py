@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import numpy as np
@@ -145,6 +145,45 @@ async def test_a_caller_that_gives_up_does_not_break_the_store(sqlite_store: Sql
     assert await asyncio.wait_for(sqlite_store.commit([PutState("u", "p", 0, st(5))]), 5)
     assert await asyncio.wait_for(sqlite_store.get("u", "p"), 5) is not None
     assert await sqlite_store.get("gone", "p") is None  # cancelled before it ran: not applied
+
+
+async def test_a_batch_of_operations_wakes_the_loop_once(
+    sqlite_store: SqliteStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The SQLite threads answer a whole batch with one loop wake-up, not one per
+    operation (each wake-up is a self-pipe write and a loop pass, taken under the GIL)."""
+    import threading
+
+    loop = asyncio.get_running_loop()
+    wakeups = 0
+    call = loop.call_soon_threadsafe
+
+    def counted(*args: object, **kwargs: object) -> object:
+        nonlocal wakeups
+        wakeups += 1
+        return call(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(loop, "call_soon_threadsafe", counted)
+    for run in (sqlite_store.db.run, sqlite_store.db.read):
+        gate = threading.Event()
+
+        def hold(conn: sqlite3.Connection, gate: threading.Event = gate) -> bool:
+            return gate.wait(5)
+
+        def value(i: int) -> Callable[[sqlite3.Connection], int]:
+            return lambda conn: i
+
+        first = asyncio.create_task(run(hold))  # holds the thread
+        await asyncio.sleep(0.05)
+        rest = [asyncio.create_task(run(value(i))) for i in range(50)]
+        await asyncio.sleep(0.05)  # all 50 queued behind the first
+        wakeups = 0
+        gate.set()
+        assert await first
+        assert await asyncio.gather(*rest) == list(range(50))
+        # The first operation's answer, then the 50 queued ones in one batch (writes) or
+        # in batches of sqlite_db._MAX_READS (reads); not 51, one each.
+        assert wakeups <= 2 + 50 // sqlite_db._MAX_READS, wakeups
 
 
 async def test_pruning_forgets_old_rewarded_decisions_and_keeps_pending_ones(

@@ -37,14 +37,46 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _MAX_BATCH = 512
+# Reads answered together: enough to share a wake-up under load, few enough that the
+# first of them does not wait long for the others.
+_MAX_READS = 16
 
 
 @dataclass
 class _Op:
     fn: Callable[[sqlite3.Connection], Any]
-    future: Future[Any]
+    # The caller's own asyncio future, settled on its loop (`_deliver`). Not a
+    # concurrent.futures.Future chained to one (`asyncio.wrap_future`): that costs a second
+    # future, its callbacks and a loop wake-up per operation, where a batch needs one.
+    future: asyncio.Future[Any]
+    loop: asyncio.AbstractEventLoop
     # Runs on its own, outside the batch's transaction (a WAL checkpoint cannot run in one).
     alone: bool = False
+
+
+# What a thread hands back: each operation's future with its value or its error.
+_Outcome = tuple["asyncio.Future[Any]", Any, "BaseException | None"]
+
+
+def _settle(outcomes: list[_Outcome]) -> None:
+    """On the callers' loop: resolve every future whose caller still waits."""
+    for future, value, error in outcomes:
+        if future.done():  # the caller gave up (cancelled at a deadline)
+            continue
+        if error is None:
+            future.set_result(value)
+        else:
+            future.set_exception(error)
+
+
+def _deliver(ops: Sequence[_Op], outcomes: list[_Outcome]) -> None:
+    """From a SQLite thread: one loop wake-up for a whole batch's outcomes."""
+    loops: dict[asyncio.AbstractEventLoop, list[_Outcome]] = {}
+    for op, outcome in zip(ops, outcomes, strict=True):
+        loops.setdefault(op.loop, []).append(outcome)
+    for loop, mine in loops.items():
+        with contextlib.suppress(RuntimeError):  # that loop closed meanwhile
+            loop.call_soon_threadsafe(_settle, mine)
 
 
 class SqliteDB:
@@ -141,31 +173,58 @@ class SqliteDB:
         conn.execute("PRAGMA query_only=ON")
         conn.execute("PRAGMA busy_timeout=5000")
         try:
-            while (op := self._reads.get()) is not None:
-                # A caller that gave up (deadline, cancel) is skipped, and a running
-                # future can no longer be cancelled under us.
-                if not op.future.set_running_or_notify_cancel():
-                    continue
-                try:
-                    op.future.set_result(op.fn(conn))
-                except Exception as e:
-                    op.future.set_exception(e)
+            stop = False
+            while not stop:
+                first = self._reads.get()
+                if first is None:
+                    break
+                # Every read queued meanwhile too, answered with one wake-up.
+                batch = [first]
+                while len(batch) < _MAX_READS:
+                    try:
+                        nxt = self._reads.get_nowait()
+                    except queue.Empty:
+                        break
+                    if nxt is None:
+                        stop = True
+                        break
+                    batch.append(nxt)
+                # A caller that gave up (deadline, cancel) is skipped.
+                live = [op for op in batch if not op.future.cancelled()]
+                outcomes: list[_Outcome] = []
+                for op in live:
+                    try:
+                        outcomes.append((op.future, op.fn(conn), None))
+                    except Exception as e:
+                        outcomes.append((op.future, None, e))
+                _deliver(live, outcomes)
         finally:
             conn.close()
 
     def _run_batch(self, conn: sqlite3.Connection, batch: list[_Op]) -> None:
         # Operations whose caller gave up before they started are not run at all: a Score
         # cancelled at its deadline leaves no decision behind.
-        live = [op for op in batch if op.future.set_running_or_notify_cancel()]
-        for op in [op for op in live if op.alone]:
-            live.remove(op)
-            try:
-                op.future.set_result(op.fn(conn))
-            except Exception as e:
-                op.future.set_exception(e)
-        if not live:
-            return
-        results: list[tuple[_Op, Any, Exception | None]] = []
+        live = [op for op in batch if not op.future.cancelled()]
+        done: list[_Op] = []
+        outcomes: list[_Outcome] = []
+        try:
+            for op in [op for op in live if op.alone]:
+                live.remove(op)
+                done.append(op)
+                try:
+                    outcomes.append((op.future, op.fn(conn), None))
+                except Exception as e:
+                    outcomes.append((op.future, None, e))
+            if live:
+                self._transaction(conn, live, done, outcomes)
+        finally:
+            # The callers hear after the COMMIT (its fsync), all with one wake-up.
+            _deliver(done, outcomes)
+
+    def _transaction(
+        self, conn: sqlite3.Connection, live: list[_Op], done: list[_Op], outcomes: list[_Outcome]
+    ) -> None:
+        results: list[_Outcome] = []
         try:
             conn.execute("BEGIN IMMEDIATE")
             for op in live:
@@ -175,10 +234,10 @@ class SqliteDB:
                 except Exception as e:
                     conn.execute("ROLLBACK TO op")
                     conn.execute("RELEASE op")
-                    results.append((op, None, e))
+                    results.append((op.future, None, e))
                 else:
                     conn.execute("RELEASE op")
-                    results.append((op, value, None))
+                    results.append((op.future, value, None))
             conn.execute("COMMIT")
         except Exception as e:
             # BEGIN, a savepoint or COMMIT failed (full disk, I/O error): nothing of the
@@ -188,23 +247,19 @@ class SqliteDB:
                 with contextlib.suppress(sqlite3.Error):
                     conn.execute("ROLLBACK")
             failure = TransientStoreError(f"sqlite batch failed: {e}")
-            for op in live:
-                op.future.set_exception(failure)
-            return
-        for op, value, err in results:
-            if err is not None:
-                op.future.set_exception(err)
-            else:
-                op.future.set_result(value)
+            results = [(op.future, None, failure) for op in live]
+        done.extend(live)
+        outcomes.extend(results)
 
     async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run fn(conn) on the writer thread inside a savepoint; return after the commit."""
         if self._closed:
             raise TransientStoreError("store is closed")
-        fut: Future[T] = Future()
-        self._queue.put(_Op(fn, fut))
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[T] = loop.create_future()
+        self._queue.put(_Op(fn, fut, loop))
         try:
-            return await asyncio.wrap_future(fut)
+            return await fut
         except sqlite3.OperationalError as e:
             raise TransientStoreError(f"sqlite: {e}") from e
 
@@ -214,15 +269,16 @@ class SqliteDB:
         automatic checkpoints can fall behind the readers, and the WAL only grows."""
         if self._closed:
             raise TransientStoreError("store is closed")
-        fut: Future[tuple[int, int]] = Future()
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[tuple[int, int]] = loop.create_future()
 
         def truncate(conn: sqlite3.Connection) -> tuple[int, int]:
             _busy, pages, done = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
             return int(pages), int(done)
 
-        self._queue.put(_Op(truncate, fut, alone=True))
+        self._queue.put(_Op(truncate, fut, loop, alone=True))
         try:
-            return await asyncio.wrap_future(fut)
+            return await fut
         except sqlite3.OperationalError as e:
             raise TransientStoreError(f"sqlite checkpoint: {e}") from e
 
@@ -232,10 +288,11 @@ class SqliteDB:
             return await self.run(fn)
         if self._closed:
             raise TransientStoreError("store is closed")
-        fut: Future[T] = Future()
-        self._reads.put(_Op(fn, fut))
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[T] = loop.create_future()
+        self._reads.put(_Op(fn, fut, loop))
         try:
-            return await asyncio.wrap_future(fut)
+            return await fut
         except sqlite3.OperationalError as e:
             raise TransientStoreError(f"sqlite: {e}") from e
 
