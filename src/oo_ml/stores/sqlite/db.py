@@ -69,6 +69,31 @@ def _settle(outcomes: list[_Outcome]) -> None:
             future.set_exception(error)
 
 
+def _take(q: queue.Queue[_Op | None], limit: int) -> tuple[list[_Op], bool]:
+    """The next operation and those queued behind it (up to `limit`), and whether the
+    stop marker came."""
+    first = q.get()
+    if first is None:
+        return [], True
+    batch = [first]
+    while len(batch) < limit:
+        try:
+            nxt = q.get_nowait()
+        except queue.Empty:
+            break
+        if nxt is None:
+            return batch, True
+        batch.append(nxt)
+    return batch, False
+
+
+def _call(op: _Op, conn: sqlite3.Connection) -> _Outcome:
+    try:
+        return (op.future, op.fn(conn), None)
+    except Exception as e:
+        return (op.future, None, e)
+
+
 def _deliver(ops: Sequence[_Op], outcomes: list[_Outcome]) -> None:
     """From a SQLite thread: one loop wake-up for a whole batch's outcomes."""
     loops: dict[asyncio.AbstractEventLoop, list[_Outcome]] = {}
@@ -144,27 +169,15 @@ class SqliteDB:
             return
         self._ready.set_result(None)
         try:
-            while True:
-                first = self._queue.get()
-                if first is None:
-                    break
-                batch = [first]
-                stop = False
-                while len(batch) < _MAX_BATCH:
-                    try:
-                        nxt = self._queue.get_nowait()
-                    except queue.Empty:
-                        break
-                    if nxt is None:
-                        stop = True
-                        break
-                    batch.append(nxt)
+            stop = False
+            while not stop:
+                batch, stop = _take(self._queue, _MAX_BATCH)
+                if not batch:
+                    continue
                 try:
                     self._run_batch(conn, batch)
                 except Exception:  # never let the writer die: every later write would hang
                     log.exception("sqlite writer: unexpected failure")
-                if stop:
-                    break
         finally:
             conn.close()
 
@@ -175,29 +188,11 @@ class SqliteDB:
         try:
             stop = False
             while not stop:
-                first = self._reads.get()
-                if first is None:
-                    break
                 # Every read queued meanwhile too, answered with one wake-up.
-                batch = [first]
-                while len(batch) < _MAX_READS:
-                    try:
-                        nxt = self._reads.get_nowait()
-                    except queue.Empty:
-                        break
-                    if nxt is None:
-                        stop = True
-                        break
-                    batch.append(nxt)
+                batch, stop = _take(self._reads, _MAX_READS)
                 # A caller that gave up (deadline, cancel) is skipped.
                 live = [op for op in batch if not op.future.cancelled()]
-                outcomes: list[_Outcome] = []
-                for op in live:
-                    try:
-                        outcomes.append((op.future, op.fn(conn), None))
-                    except Exception as e:
-                        outcomes.append((op.future, None, e))
-                _deliver(live, outcomes)
+                _deliver(live, [_call(op, conn) for op in live])
         finally:
             conn.close()
 
@@ -211,10 +206,7 @@ class SqliteDB:
             for op in [op for op in live if op.alone]:
                 live.remove(op)
                 done.append(op)
-                try:
-                    outcomes.append((op.future, op.fn(conn), None))
-                except Exception as e:
-                    outcomes.append((op.future, None, e))
+                outcomes.append(_call(op, conn))
             if live:
                 self._transaction(conn, live, done, outcomes)
         finally:
