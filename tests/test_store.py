@@ -186,6 +186,38 @@ async def test_a_batch_of_operations_wakes_the_loop_once(
         assert wakeups <= 2 + 50 // sqlite_db._MAX_READS, wakeups
 
 
+async def test_an_operation_that_cannot_be_answered_does_not_strand_its_batch(
+    sqlite_store: SqliteStore,
+) -> None:
+    """A StopIteration cannot be set on a future. Answered in one batch, it must neither
+    hang the operations after it (committed ones included) nor reach its caller raw."""
+    import threading
+
+    for run in (sqlite_store.db.run, sqlite_store.db.read):
+        gate = threading.Event()
+
+        def hold(conn: sqlite3.Connection, gate: threading.Event = gate) -> bool:
+            return gate.wait(5)
+
+        def op(i: int) -> Callable[[sqlite3.Connection], int]:
+            def fn(conn: sqlite3.Connection) -> int:
+                if i == 3:
+                    raise StopIteration
+                return i
+
+            return fn
+
+        first = asyncio.create_task(run(hold))
+        await asyncio.sleep(0.05)
+        rest = [asyncio.create_task(run(op(i))) for i in range(7)]
+        await asyncio.sleep(0.05)
+        gate.set()
+        assert await first
+        done = await asyncio.wait_for(asyncio.gather(*rest, return_exceptions=True), 5)
+        assert [d for i, d in enumerate(done) if i != 3] == [0, 1, 2, 4, 5, 6]
+        assert isinstance(done[3], RuntimeError)
+
+
 async def test_pruning_forgets_old_rewarded_decisions_and_keeps_pending_ones(
     sqlite_store: SqliteStore,
 ) -> None:

@@ -49,7 +49,6 @@ class _Op:
     # concurrent.futures.Future chained to one (`asyncio.wrap_future`): that costs a second
     # future, its callbacks and a loop wake-up per operation, where a batch needs one.
     future: asyncio.Future[Any]
-    loop: asyncio.AbstractEventLoop
     # Runs on its own, outside the batch's transaction (a WAL checkpoint cannot run in one).
     alone: bool = False
 
@@ -59,14 +58,19 @@ _Outcome = tuple["asyncio.Future[Any]", Any, "BaseException | None"]
 
 
 def _settle(outcomes: list[_Outcome]) -> None:
-    """On the callers' loop: resolve every future whose caller still waits."""
+    """On the callers' loop: resolve every future whose caller still waits. One that
+    cannot be resolved must not leave the others of its batch waiting for ever."""
     for future, value, error in outcomes:
         if future.done():  # the caller gave up (cancelled at a deadline)
             continue
-        if error is None:
-            future.set_result(value)
-        else:
-            future.set_exception(error)
+        try:
+            if error is None:
+                future.set_result(value)
+            else:
+                future.set_exception(error)
+        except Exception as e:
+            log.exception("sqlite: an answer could not be delivered")
+            future.set_exception(TransientStoreError(f"sqlite: undeliverable answer: {e}"))
 
 
 def _take(q: queue.Queue[_Op | None], limit: int) -> tuple[list[_Op], bool]:
@@ -87,21 +91,36 @@ def _take(q: queue.Queue[_Op | None], limit: int) -> tuple[list[_Op], bool]:
     return batch, False
 
 
+def _error(e: Exception) -> Exception:
+    # A future cannot hold a StopIteration (it would end the awaiting coroutine instead).
+    if isinstance(e, StopIteration | StopAsyncIteration):
+        return RuntimeError(f"store operation raised {type(e).__name__}")
+    return e
+
+
 def _call(op: _Op, conn: sqlite3.Connection) -> _Outcome:
     try:
         return (op.future, op.fn(conn), None)
     except Exception as e:
-        return (op.future, None, e)
+        return (op.future, None, _error(e))
 
 
-def _deliver(ops: Sequence[_Op], outcomes: list[_Outcome]) -> None:
+def _deliver(outcomes: list[_Outcome]) -> None:
     """From a SQLite thread: one loop wake-up for a whole batch's outcomes."""
     loops: dict[asyncio.AbstractEventLoop, list[_Outcome]] = {}
-    for op, outcome in zip(ops, outcomes, strict=True):
-        loops.setdefault(op.loop, []).append(outcome)
+    for outcome in outcomes:
+        loops.setdefault(outcome[0].get_loop(), []).append(outcome)
     for loop, mine in loops.items():
         with contextlib.suppress(RuntimeError):  # that loop closed meanwhile
             loop.call_soon_threadsafe(_settle, mine)
+
+
+def _unanswered(batch: Sequence[_Op], outcomes: list[_Outcome], why: str) -> list[_Outcome]:
+    """Outcomes for the operations of `batch` that have none: an error, so that no
+    caller waits for ever when the thread fails in a way it did not plan for."""
+    answered = {id(o[0]) for o in outcomes}
+    failure = TransientStoreError(why)
+    return [(op.future, None, failure) for op in batch if id(op.future) not in answered]
 
 
 class SqliteDB:
@@ -190,43 +209,49 @@ class SqliteDB:
             while not stop:
                 # Every read queued meanwhile too, answered with one wake-up.
                 batch, stop = _take(self._reads, _MAX_READS)
-                # A caller that gave up (deadline, cancel) is skipped.
-                live = [op for op in batch if not op.future.cancelled()]
-                _deliver(live, [_call(op, conn) for op in live])
+                outcomes: list[_Outcome] = []
+                try:
+                    for op in batch:
+                        # A caller that gave up (deadline, cancel) is skipped.
+                        if not op.future.cancelled():
+                            outcomes.append(_call(op, conn))
+                finally:
+                    outcomes += _unanswered(batch, outcomes, "sqlite reader failed")
+                    _deliver(outcomes)
         finally:
             conn.close()
 
     def _run_batch(self, conn: sqlite3.Connection, batch: list[_Op]) -> None:
         # Operations whose caller gave up before they started are not run at all: a Score
         # cancelled at its deadline leaves no decision behind.
-        live = [op for op in batch if not op.future.cancelled()]
-        done: list[_Op] = []
         outcomes: list[_Outcome] = []
         try:
-            for op in [op for op in live if op.alone]:
-                live.remove(op)
-                done.append(op)
-                outcomes.append(_call(op, conn))
+            for op in batch:
+                if op.alone and not op.future.cancelled():
+                    outcomes.append(_call(op, conn))
+            live = [op for op in batch if not op.alone]
             if live:
-                self._transaction(conn, live, done, outcomes)
+                outcomes += self._transaction(conn, live)
         finally:
-            # The callers hear after the COMMIT (its fsync), all with one wake-up.
-            _deliver(done, outcomes)
+            # The callers hear after the COMMIT (its fsync), all with one wake-up; an
+            # operation skipped because its caller gave up gets an answer nobody reads.
+            outcomes += _unanswered(batch, outcomes, "sqlite writer failed")
+            _deliver(outcomes)
 
-    def _transaction(
-        self, conn: sqlite3.Connection, live: list[_Op], done: list[_Op], outcomes: list[_Outcome]
-    ) -> None:
+    def _transaction(self, conn: sqlite3.Connection, live: list[_Op]) -> list[_Outcome]:
         results: list[_Outcome] = []
         try:
             conn.execute("BEGIN IMMEDIATE")
             for op in live:
+                if op.future.cancelled():  # checked again: earlier ones took time
+                    continue
                 conn.execute("SAVEPOINT op")
                 try:
                     value = op.fn(conn)
                 except Exception as e:
                     conn.execute("ROLLBACK TO op")
                     conn.execute("RELEASE op")
-                    results.append((op.future, None, e))
+                    results.append((op.future, None, _error(e)))
                 else:
                     conn.execute("RELEASE op")
                     results.append((op.future, value, None))
@@ -240,8 +265,7 @@ class SqliteDB:
                     conn.execute("ROLLBACK")
             failure = TransientStoreError(f"sqlite batch failed: {e}")
             results = [(op.future, None, failure) for op in live]
-        done.extend(live)
-        outcomes.extend(results)
+        return results
 
     async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run fn(conn) on the writer thread inside a savepoint; return after the commit."""
@@ -249,7 +273,7 @@ class SqliteDB:
             raise TransientStoreError("store is closed")
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[T] = loop.create_future()
-        self._queue.put(_Op(fn, fut, loop))
+        self._queue.put(_Op(fn, fut))
         try:
             return await fut
         except sqlite3.OperationalError as e:
@@ -268,7 +292,7 @@ class SqliteDB:
             _busy, pages, done = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
             return int(pages), int(done)
 
-        self._queue.put(_Op(truncate, fut, loop, alone=True))
+        self._queue.put(_Op(truncate, fut, alone=True))
         try:
             return await fut
         except sqlite3.OperationalError as e:
@@ -282,7 +306,7 @@ class SqliteDB:
             raise TransientStoreError("store is closed")
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[T] = loop.create_future()
-        self._reads.put(_Op(fn, fut, loop))
+        self._reads.put(_Op(fn, fut))
         try:
             return await fut
         except sqlite3.OperationalError as e:
