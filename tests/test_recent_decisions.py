@@ -180,13 +180,17 @@ async def test_a_late_duplicate_of_another_process_reward_is_answered_as_one(
     eb = ScoringEngine(cfg, sb, NoStoredFeatures(), ALL_FEATURES, clock=lambda: now[0])
     cmd = ScoreCommand("u", tuple(Candidate(f"t-{a}", a) for a in ("x", "y")), Inputs({}), "")
     rewarded, never = (await ea.score(cmd)).record, (await ea.score(cmd)).record
+    gone = (await ea.score(dataclasses.replace(cmd, user_id="v"))).record
     await ea.log.durable()
     assert (await eb.reward(rewarded.decision_id, 1.0)).applied
+    await sb.reset_user("v")
     now[0] += cfg.reward_window_s + 1
     assert not (await ea.reward(rewarded.decision_id, 1.0)).applied
     assert sa.recent.hits == 1
     with pytest.raises(FailedPrecondition):  # never rewarded, and too old: as before
         await ea.reward(never.decision_id, 1.0)
+    with pytest.raises(NotFound):  # reset by B meanwhile: gone, as the file says
+        await ea.reward(gone.decision_id, 1.0)
     for e in (ea, eb):
         await e.close()
     for s in (sa, sb):

@@ -281,12 +281,10 @@ def _engine_families(engine: ScoringEngine) -> Iterable[Metric]:
     if isinstance(recent, RecentDecisions):  # the SQLite store's
         yield gauge("oo_decision_cache_entries", "Decisions kept for the Reward join.", len(recent))
         yield gauge("oo_decision_cache_bytes", "Bytes of the kept decisions.", recent.bytes)
-        yield counter(
-            "oo_decision_cache_hits", "Rewards that found their decision kept.", recent.hits
-        )
+        yield counter("oo_decision_cache_hits", "Decision reads answered from memory.", recent.hits)
         yield counter(
             "oo_decision_cache_misses",
-            "Rewards that read their decision from the file.",
+            "Decision reads that went to the file (retries and cross-process polls included).",
             recent.misses,
         )
         yield counter(

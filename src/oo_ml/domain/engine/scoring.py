@@ -279,7 +279,9 @@ class ScoringEngine:
             # A store may answer from a copy it kept, which cannot know that another
             # process rewarded the decision since: a duplicate is answered as one.
             again = await self.store.get_decision(decision_id)
-            if again is not None and again.reward.reward is not None:
+            if again is None:
+                raise NotFound(f"decision {decision_id!r} not found (the user was reset)")
+            if again.reward.reward is not None:
                 return RewardResult(False, record.policy, record.chosen.arm)
             raise FailedPrecondition(
                 f"decision {decision_id!r} is {now - record.created_at:.0f}s old; rewards are accepted"

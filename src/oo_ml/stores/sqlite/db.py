@@ -118,6 +118,8 @@ def _deliver(outcomes: list[_Outcome]) -> None:
 def _unanswered(batch: Sequence[_Op], outcomes: list[_Outcome], why: str) -> list[_Outcome]:
     """Outcomes for the operations of `batch` that have none: an error, so that no
     caller waits for ever when the thread fails in a way it did not plan for."""
+    if len(outcomes) == len(batch):  # the usual case: every operation was answered
+        return []
     answered = {id(o[0]) for o in outcomes}
     failure = TransientStoreError(why)
     return [(op.future, None, failure) for op in batch if id(op.future) not in answered]
