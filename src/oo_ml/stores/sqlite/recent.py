@@ -3,8 +3,8 @@ join.
 
 A Reward reads its decision back before it learns. From the file, that read is a hop to
 the reader thread and back, and a SQLite lookup: about 0.15 ms of CPU a reward, most of
-it holding the GIL the event loop needs (a scratch A/B of fresh rewards over gRPC gave
-1.37 x the rewards a second when the read was answered from memory). Rewards mostly come
+it holding the GIL the event loop needs (fresh rewards over gRPC: 1.24 x a second with
+this, in a same-run A/B, ADR 0025). Rewards mostly come
 soon after their Score, so the store keeps its latest decision rows here, within a byte
 budget (`OO_DECISION_CACHE_MB`), and decodes one when a reward asks for it: the record is
 the one the file gives back (float32 arrays, the same codec), so a reward learns exactly
@@ -15,7 +15,8 @@ rewarded, so it answers one reward at most. It can only be stale through another
 (a worker, a replica or `oo-ml` rewarding or resetting the same decision). That needs no
 check here: the reward's commit is conditional on the decision still being unrewarded
 (`MarkRewarded`), so a stale entry ends in Conflict, and the engine reads the decision
-again from the file. A reset in this process invalidates its user's entries at once.
+again from the file (past the reward window, the engine reads the file before it refuses).
+A reset in this process invalidates its user's entries at once.
 """
 
 from __future__ import annotations
