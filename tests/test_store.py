@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import AsyncIterator, Callable
+import threading
+from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -147,13 +149,29 @@ async def test_a_caller_that_gives_up_does_not_break_the_store(sqlite_store: Sql
     assert await sqlite_store.get("gone", "p") is None  # cancelled before it ran: not applied
 
 
+async def queue_behind_a_held_thread(
+    run: Callable[[Callable[[sqlite3.Connection], Any]], Coroutine[Any, Any, Any]],
+    fns: list[Callable[[sqlite3.Connection], Any]],
+) -> tuple[threading.Event, asyncio.Task[Any], list[asyncio.Task[Any]]]:
+    """One operation holds the SQLite thread until the returned gate is set; `fns` are
+    queued behind it, so the thread takes them as one batch."""
+    gate = threading.Event()
+
+    def hold(conn: sqlite3.Connection) -> bool:
+        return gate.wait(5)
+
+    first = asyncio.create_task(run(hold))
+    await asyncio.sleep(0.05)
+    rest = [asyncio.create_task(run(fn)) for fn in fns]
+    await asyncio.sleep(0.05)  # all queued behind the first
+    return gate, first, rest
+
+
 async def test_a_batch_of_operations_wakes_the_loop_once(
     sqlite_store: SqliteStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The SQLite threads answer a whole batch with one loop wake-up, not one per
     operation (each wake-up is a self-pipe write and a loop pass, taken under the GIL)."""
-    import threading
-
     loop = asyncio.get_running_loop()
     wakeups = 0
     call = loop.call_soon_threadsafe
@@ -164,19 +182,12 @@ async def test_a_batch_of_operations_wakes_the_loop_once(
         return call(*args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(loop, "call_soon_threadsafe", counted)
+
+    def value(i: int) -> Callable[[sqlite3.Connection], int]:
+        return lambda conn: i
+
     for run in (sqlite_store.db.run, sqlite_store.db.read):
-        gate = threading.Event()
-
-        def hold(conn: sqlite3.Connection, gate: threading.Event = gate) -> bool:
-            return gate.wait(5)
-
-        def value(i: int) -> Callable[[sqlite3.Connection], int]:
-            return lambda conn: i
-
-        first = asyncio.create_task(run(hold))  # holds the thread
-        await asyncio.sleep(0.05)
-        rest = [asyncio.create_task(run(value(i))) for i in range(50)]
-        await asyncio.sleep(0.05)  # all 50 queued behind the first
+        gate, first, rest = await queue_behind_a_held_thread(run, [value(i) for i in range(50)])
         wakeups = 0
         gate.set()
         assert await first
@@ -191,26 +202,17 @@ async def test_an_operation_that_cannot_be_answered_does_not_strand_its_batch(
 ) -> None:
     """A StopIteration cannot be set on a future. Answered in one batch, it must neither
     hang the operations after it (committed ones included) nor reach its caller raw."""
-    import threading
+
+    def op(i: int) -> Callable[[sqlite3.Connection], int]:
+        def fn(conn: sqlite3.Connection) -> int:
+            if i == 3:
+                raise StopIteration
+            return i
+
+        return fn
 
     for run in (sqlite_store.db.run, sqlite_store.db.read):
-        gate = threading.Event()
-
-        def hold(conn: sqlite3.Connection, gate: threading.Event = gate) -> bool:
-            return gate.wait(5)
-
-        def op(i: int) -> Callable[[sqlite3.Connection], int]:
-            def fn(conn: sqlite3.Connection) -> int:
-                if i == 3:
-                    raise StopIteration
-                return i
-
-            return fn
-
-        first = asyncio.create_task(run(hold))
-        await asyncio.sleep(0.05)
-        rest = [asyncio.create_task(run(op(i))) for i in range(7)]
-        await asyncio.sleep(0.05)
+        gate, first, rest = await queue_behind_a_held_thread(run, [op(i) for i in range(7)])
         gate.set()
         assert await first
         done = await asyncio.wait_for(asyncio.gather(*rest, return_exceptions=True), 5)

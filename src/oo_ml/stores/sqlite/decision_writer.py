@@ -7,8 +7,8 @@ back from the busy loop several times a commit (every SQLite step and zlib relea
 and under load those handoffs cost the loop about 0.1 ms of CPU per Score, a quarter of
 its budget. A child process has its own interpreter: the loop serializes the rows, writes
 one frame to a pipe and reads one back, and the child compresses the records and runs the
-SQL (ADR 0023; figures in bench/results/). The child is this module run as a script, with no oo_ml import beyond
-it, so it starts in a few tens of milliseconds.
+SQL (ADR 0023; figures in bench/results/). The child is this module run as a script, with
+no oo_ml import beyond it, so it starts in a few tens of milliseconds.
 
 The pipe carries frames of a 4-byte little-endian length and a pickle, between a parent
 and the child it started (never anything else):
