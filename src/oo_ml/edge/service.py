@@ -19,6 +19,7 @@ from oo_ml.domain.ports import GenerationRecord
 from oo_ml.generate.generator import Generation, Generator
 from oo_ml.schema.contracts import CONTEXT_FEATURES, PROFILE_FEATURES
 from oo_ml.schema.validation import validate
+from oo_ml.schema.wire import tag, varint
 
 _CANDIDATES = scoring_pb2.ScoreRequest.DESCRIPTOR.fields_by_name["candidates"].full_name
 
@@ -40,18 +41,7 @@ def inputs_of(context: scoring_pb2.Context, profile: scoring_pb2.ProfileFeatures
     return Inputs(values=values, timezone=context.timezone)
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-_FEATURES_TAG = _varint(
-    scoring_pb2.ScoreResponse.DESCRIPTOR.fields_by_name["features"].number << 3 | 2
-)
+_FEATURES_TAG = tag(scoring_pb2.ScoreResponse.DESCRIPTOR.fields_by_name["features"].number, 2)
 # Each (name, value, origin) as ScoreResponse.features wire bytes. Building nine
 # FeatureValue messages cost about a tenth of a Score; most values repeat (hours,
 # fallbacks, a user's profile between events), so their bytes are made once and the
@@ -74,7 +64,7 @@ def feature_bytes(assembled: Assembled) -> bytes:
             body = scoring_pb2.FeatureValue(
                 name=name, value=value, origin=_ORIGIN[origins[name]]
             ).SerializeToString()
-            encoded = cache[key] = _FEATURES_TAG + _varint(len(body)) + body
+            encoded = cache[key] = _FEATURES_TAG + varint(len(body)) + body
         parts.append(encoded)
     return b"".join(parts)
 
