@@ -19,7 +19,7 @@ from oo.state.v1 import state_pb2
 from oo_ml.domain.state import ArmModel, PolicyState, empty_state
 from oo_ml.errors import UnreadableRecord
 from oo_ml.schema.wire import varint
-from oo_ml.stores.codec import _decode_state_fields, decode_state, encode_state
+from oo_ml.stores.codec import _decode_state_fields, _readable, decode_state, encode_state
 
 _DOUBLES = st.floats(allow_nan=True, allow_infinity=True, width=64)
 
@@ -197,3 +197,87 @@ def test_a_decoded_state_is_a_value_that_updates_into_a_new_one() -> None:
 def test_a_damaged_state_is_unreadable_not_misread(data: bytes) -> None:
     with pytest.raises(UnreadableRecord):
         decode_state(data)
+
+
+def _run(number: int, values: list[float]) -> bytes:
+    raw = np.array(values, dtype="<f8").tobytes()
+    return varint(number << 3 | 2) + varint(len(raw)) + raw
+
+
+@pytest.mark.parametrize(
+    "arm",
+    [
+        _run(2, [9.0]) + _run(2, [1, 2, 3, 4]) + _run(3, [5, 6]),  # a_inv: 5 doubles in all
+        _run(2, [1, 2, 3, 4]) + _run(2, [1, 2, 3, 4]) + _run(3, [5, 6]),  # a_inv twice
+        _run(2, [1, 2, 3, 4]) + _run(3, [9.0]) + _run(3, [5, 6]),  # b: [9, 5, 6]
+        _run(2, [1, 2, 3, 4]) + _run(3, [9.0]),  # b of one double, in one run
+        _run(2, [1, 2, 3, 4]) + _run(3, [5, 6]) + _run(7, [5, 6]) + _run(7, [5, 6]),
+        _run(2, [1, 2, 3, 4]) + _run(3, [5, 6]) + b"\x20\x01\x20\x02",  # pulls twice
+    ],
+    ids=["short-then-full", "a_inv-twice", "b-split", "b-short", "prior-twice", "pulls-twice"],
+)
+def test_odd_arrays_read_as_protobuf_reads_them(arm: bytes) -> None:
+    """Protobuf joins an array's runs (the mirror would keep the last one), and reads an
+    array of another length as it is."""
+    head = state_pb2.PolicyState(
+        format_version=1, policy="p", feature_version="v", dim=2, ridge_lambda=1.0
+    ).SerializeToString()
+    data = head + b"\x42" + varint(len(arm) + 3) + b"\x0a\x01x" + arm
+    try:
+        expected = _readable("PolicyState", _decode_state_fields, data)
+    except UnreadableRecord:
+        with pytest.raises(UnreadableRecord):
+            decode_state(data)
+    else:
+        assert_same(decode_state(data), expected)
+
+
+def test_arrays_of_another_dtype_or_layout_encode_as_their_float64_values() -> None:
+    a = np.arange(16, dtype=np.float32).reshape(4, 4).T  # Fortran order, float32
+    arm = ArmModel(a_inv=a, b=np.arange(4, dtype=np.int64), prior_precision=np.ones(4)[::1])
+    s = PolicyState("p", "v2", 4, 1.0, arms={"x": arm, "": arm})
+    assert encode_state(s) == protobuf_encoding(s)
+
+
+def test_a_dimensionless_state_reads_the_same_both_ways() -> None:
+    s = PolicyState("p", "v0", 0, 1.0, arms={"x": ArmModel(a_inv=np.zeros((0, 0)), b=np.zeros(0))})
+    data = encode_state(s)
+    assert data == protobuf_encoding(s)
+    assert_same(decode_state(data), _decode_state_fields(data))
+
+
+@pytest.mark.parametrize("count", [-1, 2**64])
+def test_a_count_out_of_uint64_range_is_refused_as_protobuf_refuses_it(count: int) -> None:
+    arm = ArmModel(a_inv=np.eye(2), b=np.zeros(2), pulls=count)
+    s = PolicyState("p", "v", 2, 1.0, arms={"x": arm})
+    with pytest.raises(ValueError):
+        protobuf_encoding(s)
+    with pytest.raises(ValueError):
+        encode_state(s)
+
+
+def test_the_hand_written_encoding_knows_every_field_of_both_messages() -> None:
+    """`encode_state` writes ArmState by hand and PolicyState's arms last: a field added to
+    either message must be added there (and to `protobuf_encoding` above) first."""
+    arm = {(f.name, f.number) for f in state_pb2.ArmState.DESCRIPTOR.fields}
+    state = {(f.name, f.number) for f in state_pb2.PolicyState.DESCRIPTOR.fields}
+    assert arm == {
+        ("arm", 1),
+        ("a_inv", 2),
+        ("b", 3),
+        ("pulls", 4),
+        ("rewarded", 5),
+        ("reward_sum", 6),
+        ("prior_precision", 7),
+        ("prior_theta", 8),
+    }
+    assert state == {
+        ("format_version", 1),
+        ("policy", 2),
+        ("feature_version", 3),
+        ("dim", 4),
+        ("ridge_lambda", 5),
+        ("decisions", 6),
+        ("rewards", 7),
+        ("arms", 8),
+    }

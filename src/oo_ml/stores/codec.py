@@ -54,6 +54,7 @@ def _check(version: int, what: str, newest: int = FORMAT_VERSION) -> None:
 # parsing the record with a mirror of the two messages whose packed fields are `bytes`
 # (same numbers, same wire type), then `np.frombuffer`. A record whose arrays are not
 # one packed run each (another encoder's unpacked or split fields) is read the slow way.
+# A field added to either message must be added here too: a test pins their fields.
 
 _F64 = np.dtype("<f8")
 # ArmState's fields by number and wire type (0 varint, 1 fixed64, 2 length-delimited).
@@ -72,6 +73,8 @@ def _packed(key: bytes, values: Vector | None) -> bytes:
 
 
 def _arm_bytes(name: str, m: ArmModel) -> bytes:
+    if not (0 <= m.pulls < _UINT64 and 0 <= m.rewarded < _UINT64):
+        raise ValueError(f"arm {name!r}: pulls and rewarded must fit a uint64")
     parts = []
     if name:
         text = name.encode()
@@ -91,6 +94,7 @@ def _arm_bytes(name: str, m: ArmModel) -> bytes:
 
 
 _ZERO_DOUBLE = _DOUBLE.pack(0.0)
+_UINT64 = 1 << 64
 
 
 def encode_state(s: PolicyState) -> bytes:
@@ -155,6 +159,10 @@ def _decode_state(data: bytes) -> PolicyState:
     # The mirror is built at run time: mypy knows it only as a Message.
     msg: Any = _PackedPolicyState.FromString(data)
     _check(msg.format_version, "PolicyState")
+    if msg.ByteSize() != len(data):
+        # A field given more than once: protobuf joins an array's runs, the mirror keeps
+        # the last one. (Unknown fields count in ByteSize, so they do not trip this.)
+        return _decode_state_fields(data)
     d = msg.dim
     arms = {}
     for a in msg.arms:
@@ -167,7 +175,7 @@ def _decode_state(data: bytes) -> PolicyState:
             or len(theta) not in (0, 8 * d)
             or len(unknown_fields.UnknownFieldSet(a))
         ):
-            return _decode_state_fields(data)  # not one packed run per array
+            return _decode_state_fields(data)  # an array not in one packed run
         arms[a.arm] = ArmModel(
             a_inv=a_inv.reshape(d, d),
             b=b,
