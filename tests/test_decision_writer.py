@@ -295,6 +295,6 @@ def test_a_failed_commit_leaves_no_transaction_open(tmp_path: Path) -> None:
     assert (kind, "FOREIGN KEY" in reason) == ("refused", True)
     assert not conn.in_transaction
     conn.execute("INSERT INTO users VALUES ('u')")
-    assert decision_writer._commit(conn, [("decisions", [row])]) == ("ok", "")
+    assert decision_writer._commit(conn, [("decisions", [row])]) == ("ok", [])
     assert conn.execute("SELECT n FROM pulls").fetchone() == (1,)
     conn.close()

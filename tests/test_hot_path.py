@@ -15,6 +15,7 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+import pytest
 
 from oo.scoring.v1 import scoring_pb2 as pb
 from oo.scoring.v1 import scoring_pb2_grpc
@@ -64,7 +65,8 @@ async def assert_cache_equals_store(engine: ScoringEngine, store: SqliteStore) -
     return checked
 
 
-async def test_the_model_cache_equals_the_store_after_any_mix(tmp_path: Path) -> None:
+@pytest.mark.parametrize("writer", ["thread", "process"])
+async def test_the_model_cache_equals_the_store_after_any_mix(tmp_path: Path, writer: str) -> None:
     rnd = random.Random(11)
     ids = itertools.count()
     cfg = config_mod.load(env={"OO_SHADOW_POLICIES": "egreedy-v2,linucb"}).scoring
@@ -74,7 +76,7 @@ async def test_the_model_cache_equals_the_store_after_any_mix(tmp_path: Path) ->
             cfg, store, NoStoredFeatures(), ALL_FEATURES, decision_ids=lambda: f"d{next(ids)}"
         )
 
-    store = SqliteStore.open(tmp_path / "c.db")
+    store = SqliteStore.open(tmp_path / "c.db", decision_writer=writer)
     engine = engine_on(store)
     users = [f"u{i}" for i in range(12)]
     decisions: list[str] = []
@@ -104,7 +106,7 @@ async def test_the_model_cache_equals_the_store_after_any_mix(tmp_path: Path) ->
             if round_ < 2:  # restart: a new process reads the same file
                 await engine.close()
                 await store.close()
-                store = SqliteStore.open(tmp_path / "c.db")
+                store = SqliteStore.open(tmp_path / "c.db", decision_writer=writer)
                 engine = engine_on(store)
                 for user in users:  # warm the new cache from the store
                     for policy in POLICIES:

@@ -225,8 +225,9 @@ class ScoringConfig:
     decision_writer: str = setting(
         "process",
         "OO_DECISION_WRITER",
-        "Who commits the decision log's batches to SQLite: process (a child process, so the"
-        " commits take no GIL from the event loop) or thread (the store's writer thread).",
+        "Who commits the decision log's batches and rewards' writes to SQLite: process (a"
+        " child process, so the commits take no GIL from the event loop) or thread (the"
+        " store's writer thread).",
     )
     state_cache_mb: float = setting(
         256.0, "OO_STATE_CACHE_MB", "Memory for decoded user models; the least recent go first."

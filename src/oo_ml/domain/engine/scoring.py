@@ -308,8 +308,9 @@ class ScoringEngine:
                 since = self.models.moment()
                 try:
                     revisions = await self.store.commit(writes)
-                except asyncio.CancelledError:
-                    # Cancelled at a deadline: the commit may still land. The cache must
+                except (asyncio.CancelledError, TransientStoreError):
+                    # Cancelled at a deadline, or the writer failed or died before it
+                    # answered: the commit may have landed (or may still). The cache must
                     # not keep the old model, so read it again next time.
                     for w in states:
                         self.models.forget(w.user_id, w.policy)

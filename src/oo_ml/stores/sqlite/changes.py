@@ -36,6 +36,7 @@ from typing import TypeVar
 
 from oo_ml.domain.ports import EVERY_POLICY, EVERY_USER, Change
 from oo_ml.errors import TransientStoreError
+from oo_ml.stores.sqlite import decision_writer as dw
 from oo_ml.stores.sqlite.db import SqliteDB
 
 log = logging.getLogger(__name__)
@@ -73,10 +74,9 @@ _ERROR_LOG_EVERY_S = 30.0
 
 def note(conn: sqlite3.Connection, origin: int, user_id: str, policy: str, revision: int) -> None:
     """Append one change; call it inside the transaction of the write it announces."""
-    conn.execute(
-        "INSERT INTO changes (user_id, policy, revision, origin) VALUES (?, ?, ?, ?)",
-        (user_id, policy, revision, origin),
-    )
+    # The statement lives with the writer process's, which appends the changes of the
+    # states it stores (it imports nothing of oo_ml).
+    dw.note_change(conn, origin, user_id, policy, revision)
 
 
 def note_each(conn: sqlite3.Connection, origin: int, keys: Iterable[tuple[str, str]]) -> None:

@@ -14,10 +14,21 @@ The pipe carries frames of a 4-byte little-endian length and a pickle, between a
 and the child it started (never anything else):
 
 - request: a list of steps, committed in one transaction, in order: ("decisions", rows)
-  with rows as `insert_decisions` takes them, or ("shadows", rows) as `attach_shadows`;
-- reply: ("ok", "") or ("transient", reason) (the file is busy, full, unwritable: the
+  with rows as `insert_decisions` takes them, ("shadows", rows) as `attach_shadows`, or
+  ("transactions", txs): Rewards' writes (see below);
+- reply: ("ok", results) or ("transient", reason) (the file is busy, full, unwritable: the
   log keeps the batch and retries it) or ("refused", reason) (the batch itself is wrong:
-  the log commits it write by write to find the bad one).
+  the log commits it write by write to find the bad one). `results` has one entry per
+  transaction of the batch, in order.
+
+Rewards' writes come here too (ADR 0027): on the store's writer thread, each reward's
+commit took the GIL back from the busy loop at every SQLite step, as the decision log's
+did. A "transactions" step carries many rewards' transactions, each a list of `Write`
+tuples (`put_state`, `mark_rewarded`, `off_policy`, the same functions the writer thread
+runs for a store without a child), each run in its own savepoint: one whose condition
+fails (a compare-and-set lost, a decision rewarded already) is rolled back alone and
+answered ("conflict", reason); the others commit together, one fsync for all, and are
+answered ("ok", revisions) before any caller hears.
 
 Inserts are idempotent: a decision already in the file is skipped, its pull with it, so
 a batch retried after the child died between its commit and its reply lands once. The
@@ -39,7 +50,7 @@ import struct
 import sys
 import zlib
 from collections.abc import Iterator, Sequence
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +59,14 @@ log = logging.getLogger(__name__)
 DecisionRow = tuple[str, str, str, float, str, str, bytes]
 # A decision's shadow views: its id and their encoding.
 ShadowRow = tuple[str, bytes]
-Step = tuple[str, Sequence[DecisionRow] | Sequence[ShadowRow]]
+# A reward's writes, as `write` takes them: ("put_state", user_id, policy, revision,
+# encoded state, updated_at, change-feed origin), ("mark_rewarded", decision_id, reward,
+# at, source), ("off_policy", served, shadow, weight, reward, dr).
+Write = tuple[Any, ...]
+Step = tuple[str, Sequence[DecisionRow] | Sequence[ShadowRow] | Sequence[Sequence[Write]]]
+# A transaction's answer: ("ok", {(user_id, policy): new revision}), ("conflict", reason)
+# or ("refused", reason).
+TxResult = tuple[str, Any]
 
 FRAME = struct.Struct("<I")
 
@@ -59,6 +77,17 @@ COMPRESS_LEVEL = 1
 # each size's statement is prepared once and cached, and a group commit of n decisions
 # steps SQLite about log2(n) times instead of twice per decision.
 _CHUNKS = (512, 256, 128, 64, 32, 16, 8, 4, 2, 1)
+
+# Rewards' transactions are paced (ADR 0027): while frames of them go out less than
+# _TX_PACE_S apart and more than one caller is at it, the next frame waits out the rest
+# of that interval or until _TX_GROUP transactions are queued, so that a frame carries
+# many. Unpaced, the child answered so fast under load that frames carried 1.6
+# transactions on average, and each frame's pickling, pipe and wake-ups on the event loop
+# cost more than the writer thread they replaced. A lone caller (each transaction
+# waiting for the last) is never paced. Like PostgreSQL's commit_delay with
+# commit_siblings, but keyed to what the writer sees.
+_TX_PACE_S = 0.002
+_TX_GROUP = 16
 
 
 @functools.cache
@@ -137,14 +166,165 @@ def attach_shadows(conn: sqlite3.Connection, rows: Sequence[ShadowRow]) -> None:
     )
 
 
-def apply(conn: sqlite3.Connection, steps: Sequence[Step]) -> None:
+class Conflicted(Exception):
+    """A write's condition failed: the state moved past the revision it was computed at,
+    or the decision was rewarded (or removed) already. The transaction is rolled back."""
+
+
+def note_change(
+    conn: sqlite3.Connection, origin: int, user_id: str, policy: str, revision: int
+) -> None:
+    """Append one change (the change feed, `changes`) in the write's own transaction."""
+    conn.execute(
+        "INSERT INTO changes (user_id, policy, revision, origin) VALUES (?, ?, ?, ?)",
+        (user_id, policy, revision, origin),
+    )
+
+
+def put_state(
+    conn: sqlite3.Connection,
+    user_id: str,
+    policy: str,
+    *,
+    revision: int,
+    data: bytes,
+    updated_at: float,
+    origin: int,
+) -> int:
+    """Store a user's encoded state if the stored one is still at `revision` (0: none);
+    its new revision, announced on the change feed."""
+    if revision == 0:
+        # Revisions only grow, across resets too (`state_resets`).
+        reset = conn.execute(
+            "SELECT revision FROM state_resets WHERE user_id = ? AND policy = ?",
+            (user_id, policy),
+        ).fetchone()
+        new_revision = (reset[0] if reset else 0) + 1
+        cur = conn.execute(
+            "INSERT OR IGNORE INTO state (user_id, policy, revision, data, updated_at)"
+            " VALUES (?, ?, ?, ?, ?)",
+            (user_id, policy, new_revision, data, updated_at),
+        )
+    else:
+        new_revision = revision + 1
+        cur = conn.execute(
+            "UPDATE state SET revision = revision + 1, data = ?, updated_at = ?"
+            " WHERE user_id = ? AND policy = ? AND revision = ?",
+            (data, updated_at, user_id, policy, revision),
+        )
+    if cur.rowcount != 1:
+        raise Conflicted(f"state of {user_id!r} under {policy!r} moved past revision {revision}")
+    note_change(conn, origin, user_id, policy, new_revision)
+    return new_revision
+
+
+def mark_rewarded(
+    conn: sqlite3.Connection, decision_id: str, reward: float, at: float, source: str
+) -> None:
+    """Record a decision's reward, once."""
+    cur = conn.execute(
+        "UPDATE decisions SET reward = ?, rewarded_at = ?, reward_source = ?"
+        " WHERE decision_id = ? AND reward IS NULL",
+        (reward, at, source, decision_id),
+    )
+    if cur.rowcount != 1:
+        raise Conflicted(f"decision {decision_id!r} is already rewarded or gone")
+
+
+def off_policy(
+    conn: sqlite3.Connection, served: str, shadow: str, *, weight: float, reward: float, dr: float
+) -> None:
+    """Add one rewarded decision to a (served, shadow) pair's off-policy sums."""
+    conn.execute(
+        "INSERT INTO off_policy (served, shadow, n, weight_sum, weighted_reward_sum, dr_sum,"
+        " dr_sq_sum, reward_sum, sq_n, weight_sq_sum, weight_sq_reward_sum,"
+        " weight_sq_reward_sq_sum) VALUES (?, ?, 1, ?, ?, ?, ?, ?, 1, ?, ?, ?)"
+        " ON CONFLICT (served, shadow) DO UPDATE SET n = n + 1,"
+        " weight_sum = weight_sum + excluded.weight_sum,"
+        " weighted_reward_sum = weighted_reward_sum + excluded.weighted_reward_sum,"
+        " dr_sum = dr_sum + excluded.dr_sum, dr_sq_sum = dr_sq_sum + excluded.dr_sq_sum,"
+        " reward_sum = reward_sum + excluded.reward_sum, sq_n = sq_n + 1,"
+        " weight_sq_sum = weight_sq_sum + excluded.weight_sq_sum,"
+        " weight_sq_reward_sum = weight_sq_reward_sum + excluded.weight_sq_reward_sum,"
+        " weight_sq_reward_sq_sum ="
+        " weight_sq_reward_sq_sum + excluded.weight_sq_reward_sq_sum",
+        (
+            served,
+            shadow,
+            weight,
+            weight * reward,
+            dr,
+            dr * dr,
+            reward,
+            weight * weight,
+            weight * weight * reward,
+            weight * weight * reward * reward,
+        ),
+    )
+
+
+def write(conn: sqlite3.Connection, w: Write, revisions: dict[tuple[str, str], int]) -> None:
+    """One write of a transaction (a `Write` tuple); a state's new revision goes into
+    `revisions`."""
+    kind = w[0]
+    if kind == "put_state":
+        _, user_id, policy, revision, data, updated_at, origin = w
+        revisions[(user_id, policy)] = put_state(
+            conn,
+            user_id,
+            policy,
+            revision=revision,
+            data=data,
+            updated_at=updated_at,
+            origin=origin,
+        )
+    elif kind == "mark_rewarded":
+        _, decision_id, reward, at, source = w
+        mark_rewarded(conn, decision_id, reward, at, source)
+    elif kind == "off_policy":
+        _, served, shadow, weight, reward, dr = w
+        off_policy(conn, served, shadow, weight=weight, reward=reward, dr=dr)
+    else:
+        raise ValueError(f"unknown write {kind!r}")
+
+
+def transactions(conn: sqlite3.Connection, txs: Sequence[Sequence[Write]]) -> list[TxResult]:
+    """Each transaction in a savepoint of the batch's transaction: one that fails is
+    rolled back alone and answered so; an OperationalError (busy, full, I/O) fails the
+    whole batch."""
+    results: list[TxResult] = []
+    for tx in txs:
+        conn.execute("SAVEPOINT tx")
+        revisions: dict[tuple[str, str], int] = {}
+        try:
+            for w in tx:
+                write(conn, w, revisions)
+        except sqlite3.OperationalError:
+            raise
+        except Exception as e:
+            conn.execute("ROLLBACK TO tx")
+            conn.execute("RELEASE tx")
+            kind = "conflict" if isinstance(e, Conflicted) else "refused"
+            results.append((kind, f"{type(e).__name__}: {e}" if kind == "refused" else str(e)))
+        else:
+            conn.execute("RELEASE tx")
+            results.append(("ok", revisions))
+    return results
+
+
+def apply(conn: sqlite3.Connection, steps: Sequence[Step]) -> list[TxResult]:
+    """The steps, in order; the results of their transactions (none for rows)."""
+    results: list[TxResult] = []
     for kind, rows in steps:
         if kind == "decisions":
             insert_decisions(conn, rows)  # type: ignore[arg-type]
         elif kind == "shadows":
             attach_shadows(conn, rows)  # type: ignore[arg-type]
+        elif kind == "transactions":
+            results += transactions(conn, rows)  # type: ignore[arg-type]
         else:
             raise ValueError(f"unknown step {kind!r}")
+    return results
 
 
 def read_frame(stream: BinaryIO) -> object | None:
@@ -163,16 +343,16 @@ def frame(value: object) -> bytes:
     return FRAME.pack(len(body)) + body
 
 
-def _commit(conn: sqlite3.Connection, steps: Sequence[Step]) -> tuple[str, str]:
+def _commit(conn: sqlite3.Connection, steps: Sequence[Step]) -> tuple[str, Any]:
     try:
         conn.execute("BEGIN IMMEDIATE")
-        apply(conn, steps)
+        results = apply(conn, steps)
         conn.execute("COMMIT")
     except sqlite3.OperationalError as e:  # busy, full, read-only, I/O
         return _rolled_back(conn, "transient", f"sqlite: {e}")
     except Exception as e:  # the batch's own fault: a bad row, a constraint
         return _rolled_back(conn, "refused", f"{type(e).__name__}: {e}")
-    return "ok", ""
+    return "ok", results
 
 
 def _rolled_back(conn: sqlite3.Connection, kind: str, reason: str) -> tuple[str, str]:
@@ -211,6 +391,28 @@ def main(path: str) -> int:
     return 0
 
 
+def _fail(batch: Sequence[tuple[Any, asyncio.Future[Any]]], error: BaseException) -> None:
+    for _, answer in batch:
+        if not answer.done():
+            answer.set_exception(error)
+
+
+def _answer(batch: Sequence[tuple[Any, asyncio.Future[Any]]], kind: str, payload: Any) -> None:
+    """Each transaction's caller hears its own outcome (or the batch's, if it failed)."""
+    if kind != "ok":
+        _fail(batch, OSError(payload) if kind == "transient" else RefusedBatch(payload))
+        return
+    for (_, answer), (status, value) in zip(batch, payload, strict=True):
+        if answer.done():  # the caller gave up (a deadline); its writes stand
+            continue
+        if status == "ok":
+            answer.set_result(value)
+        elif status == "conflict":
+            answer.set_exception(Conflicted(value))
+        else:
+            answer.set_exception(RefusedBatch(value))
+
+
 class RefusedBatch(Exception):
     """The child could not commit the batch for a reason of the batch's own (a write the
     schema refuses): committing it again as it is would fail again."""
@@ -219,8 +421,8 @@ class RefusedBatch(Exception):
 class WriterProcess:
     """The parent's end: one child per store, started by `check` (the server's start) or
     on first use, and again after it died (a batch it took down with it is retried by the
-    decision log, and lands once). One batch is in the pipe at a time; the decision log
-    sends one at a time anyway."""
+    decision log, and lands once). One batch is in the pipe at a time: the decision log's,
+    or the rewards' transactions that arrived while the one before was committed."""
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -230,6 +432,16 @@ class WriterProcess:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lock: asyncio.Lock | None = None
         self._closed = False
+        # Rewards' transactions waiting for the next frame, and the task that sends them.
+        self._pending: list[tuple[list[Write], asyncio.Future[dict[tuple[str, str], int]]]] = []
+        self._sender: asyncio.Task[None] | None = None
+        self.frames = 0
+        """Frames of transactions sent (fewer than transactions: they share frames)."""
+        self.paced = 0
+        """Frames of transactions that waited for more (`_TX_PACE_S`)."""
+        self._sent_at = -float("inf")  # loop.time() of the last frame of transactions
+        self._sent_size = 0
+        self._group_full = asyncio.Event()
 
     @property
     def pid(self) -> int | None:
@@ -252,12 +464,71 @@ class WriterProcess:
         if kind == "refused":
             raise RefusedBatch(reason)
 
+    async def transact(self, tx: Sequence[Write]) -> dict[tuple[str, str], int]:
+        """Commit one transaction (a reward's writes) in the child, together with those
+        that arrive while the frame before is committed: one frame, one commit, one fsync.
+        Its states' new revisions once it is on disk; Conflicted if one of its conditions
+        failed (nothing of it stands); OSError if its batch could not be committed."""
+        if self._closed:
+            raise OSError("the decision writer is closed")
+        loop = asyncio.get_running_loop()
+        answer: asyncio.Future[dict[tuple[str, str], int]] = loop.create_future()
+        self._pending.append((list(tx), answer))
+        if len(self._pending) >= _TX_GROUP:
+            self._group_full.set()
+        sender = self._sender
+        if sender is None or sender.done() or sender.get_loop() is not loop:
+            self._sender = loop.create_task(self._send_transactions(), name="oo-writer-tx")
+        return await answer
+
+    async def _send_transactions(self) -> None:
+        loop = asyncio.get_running_loop()
+        lock = self._lock_for(loop)
+        while self._pending:
+            wait = self._sent_at + _TX_PACE_S - loop.time()
+            if (
+                wait > 0
+                and len(self._pending) < _TX_GROUP
+                and (len(self._pending) >= 2 or self._sent_size >= 2)
+            ):
+                self.paced += 1
+                self._group_full.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._group_full.wait(), wait)
+            async with lock:
+                # Taken under the lock: what queued behind a decision log batch goes too.
+                batch = [(tx, f) for tx, f in self._pending if not f.done()]
+                self._pending = []
+                if not batch:
+                    continue
+                if self._closed:
+                    _fail(batch, OSError("the decision writer is closed"))
+                    continue
+                self.frames += 1
+                self._sent_at, self._sent_size = loop.time(), len(batch)
+                try:
+                    kind, payload = await self._exchange([("transactions", [t for t, _ in batch])])
+                except OSError as e:
+                    _fail(batch, e)
+                    continue
+                except BaseException as e:
+                    _fail(batch, OSError(f"the decision writer was interrupted: {e!r}"))
+                    raise
+            try:
+                _answer(batch, kind, payload)
+            except Exception as e:  # a reply that does not fit the batch: nobody hangs
+                log.exception("decision writer: an unreadable reply to %d transactions", len(batch))
+                _fail(batch, RefusedBatch(f"unreadable reply: {e!r}"))
+
     def _lock_for(self, loop: asyncio.AbstractEventLoop) -> asyncio.Lock:
         if self._loop is not loop or self._lock is None:
             # A store used from another loop (tests, one-off CLI runs): the child's pipes
-            # belong to the old loop, and no batch of that loop is in flight any more.
+            # belong to the old loop, and no batch of that loop is in flight any more
+            # (nor anyone waiting for one: its callers went with it).
             self._abandon(reap=True)
             self._loop, self._lock = loop, asyncio.Lock()
+            self._group_full = asyncio.Event()
+            self._pending = [p for p in self._pending if p[1].get_loop() is loop]
         return self._lock
 
     async def _exchange(self, steps: Sequence[Step]) -> tuple[str, str]:

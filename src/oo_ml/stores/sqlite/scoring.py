@@ -207,73 +207,33 @@ def _steps(writes: Sequence[Write]) -> list[Write | dw.Step]:
     return out
 
 
-def _apply(
-    conn: sqlite3.Connection, w: Write, revisions: dict[tuple[str, str], int], origin: int
-) -> None:
-    """One write other than a decision or shadow views (`commit` makes steps of those)."""
+def _write(w: Write, origin: int) -> dw.Write:
+    """A reward's write as the writer (thread or child process) runs it (`dw.write`); the
+    state is encoded here, on the caller's side."""
     match w:
         case PutState(user_id, policy, revision, state):
-            data = encode_state(state)
-            if revision == 0:
-                # Revisions only grow, across resets too (`state_resets`).
-                reset = conn.execute(
-                    "SELECT revision FROM state_resets WHERE user_id = ? AND policy = ?",
-                    (user_id, policy),
-                ).fetchone()
-                new_revision = (reset[0] if reset else 0) + 1
-                cur = conn.execute(
-                    "INSERT OR IGNORE INTO state (user_id, policy, revision, data, updated_at)"
-                    " VALUES (?, ?, ?, ?, ?)",
-                    (user_id, policy, new_revision, data, time.time()),
-                )
-            else:
-                new_revision = revision + 1
-                cur = conn.execute(
-                    "UPDATE state SET revision = revision + 1, data = ?, updated_at = ?"
-                    " WHERE user_id = ? AND policy = ? AND revision = ?",
-                    (data, time.time(), user_id, policy, revision),
-                )
-            if cur.rowcount != 1:
-                raise Conflict(
-                    f"state of {user_id!r} under {policy!r} moved past revision {revision}"
-                )
-            revisions[(user_id, policy)] = new_revision
-            changes.note(conn, origin, user_id, policy, new_revision)
+            return (
+                "put_state",
+                user_id,
+                policy,
+                revision,
+                encode_state(state),
+                time.time(),
+                origin,
+            )
         case MarkRewarded(decision_id, reward, at, source):
-            cur = conn.execute(
-                "UPDATE decisions SET reward = ?, rewarded_at = ?, reward_source = ?"
-                " WHERE decision_id = ? AND reward IS NULL",
-                (reward, at, source, decision_id),
-            )
-            if cur.rowcount != 1:
-                raise Conflict(f"decision {decision_id!r} is already rewarded or gone")
+            return ("mark_rewarded", decision_id, reward, at, source)
         case AddOffPolicy(served, shadow, weight, reward, dr):
-            conn.execute(
-                "INSERT INTO off_policy (served, shadow, n, weight_sum, weighted_reward_sum, dr_sum,"
-                " dr_sq_sum, reward_sum, sq_n, weight_sq_sum, weight_sq_reward_sum,"
-                " weight_sq_reward_sq_sum) VALUES (?, ?, 1, ?, ?, ?, ?, ?, 1, ?, ?, ?)"
-                " ON CONFLICT (served, shadow) DO UPDATE SET n = n + 1,"
-                " weight_sum = weight_sum + excluded.weight_sum,"
-                " weighted_reward_sum = weighted_reward_sum + excluded.weighted_reward_sum,"
-                " dr_sum = dr_sum + excluded.dr_sum, dr_sq_sum = dr_sq_sum + excluded.dr_sq_sum,"
-                " reward_sum = reward_sum + excluded.reward_sum, sq_n = sq_n + 1,"
-                " weight_sq_sum = weight_sq_sum + excluded.weight_sq_sum,"
-                " weight_sq_reward_sum = weight_sq_reward_sum + excluded.weight_sq_reward_sum,"
-                " weight_sq_reward_sq_sum ="
-                " weight_sq_reward_sq_sum + excluded.weight_sq_reward_sq_sum",
-                (
-                    served,
-                    shadow,
-                    weight,
-                    weight * reward,
-                    dr,
-                    dr * dr,
-                    reward,
-                    weight * weight,
-                    weight * weight * reward,
-                    weight * weight * reward * reward,
-                ),
-            )
+            return ("off_policy", served, shadow, weight, reward, dr)
+    raise TypeError(f"not a write this store commits: {type(w).__name__}")
+
+
+def _apply(conn: sqlite3.Connection, w: dw.Write, revisions: dict[tuple[str, str], int]) -> None:
+    """One reward write on the writer thread (`commit` makes steps of decisions)."""
+    try:
+        dw.write(conn, w, revisions)
+    except dw.Conflicted as e:
+        raise Conflict(str(e)) from None
 
 
 # How often the decision log's bytes per row are measured again from the pages.
@@ -366,31 +326,36 @@ class SqliteStore:
         return revs[(user_id, policy)]
 
     async def commit(self, writes: Sequence[Write]) -> dict[tuple[str, str], int]:
-        origin = self.db.origin
-        # Decisions are serialized and shadow views encoded here, on the caller's thread
-        # (the event loop, after the answers went out): what crosses to the writer is rows,
-        # which the writer compresses and inserts.
+        # Decisions are serialized, shadow views and states encoded here, on the caller's
+        # thread (the event loop): what crosses to the writer is rows and bytes.
         steps = _steps(writes)
         rows = [s for s in steps if isinstance(s, tuple)]
+        others = [_write(w, self.db.origin) for w in steps if not isinstance(w, tuple)]
         for w in writes:
             if isinstance(w, MarkRewarded):  # the row changes: its kept copy is void
                 self.recent.discard(w.decision_id)
-        if self.writer is not None and rows and len(rows) == len(steps):
-            # The decision log's group commits: to the child process (decision_writer).
+        if self.writer is not None and steps and not (rows and others):
+            # To the child process (decision_writer): the decision log's group commits,
+            # and rewards' transactions, which share frames with each other (ADR 0027).
             try:
-                await self.writer.commit(rows)
+                if rows:
+                    await self.writer.commit(rows)
+                    self._keep(rows)
+                    return {}
+                return await self.writer.transact(others)
+            except dw.Conflicted as e:
+                raise Conflict(str(e)) from None
             except OSError as e:
                 raise TransientStoreError(str(e)) from e
-            self._keep(rows)
-            return {}
 
         def tx(conn: sqlite3.Connection) -> dict[tuple[str, str], int]:
             revisions: dict[tuple[str, str], int] = {}
+            pending = iter(others)
             for step in steps:
                 if isinstance(step, tuple):
                     dw.apply(conn, [step])
                 else:
-                    _apply(conn, step, revisions, origin)
+                    _apply(conn, next(pending), revisions)
             return revisions
 
         revisions = await self.db.run(tx)
