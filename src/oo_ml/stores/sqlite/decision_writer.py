@@ -512,7 +512,11 @@ class WriterProcess:
                     _fail(batch, e)
                     continue
                 except BaseException as e:
-                    _fail(batch, OSError(f"the decision writer was interrupted: {e!r}"))
+                    # This task is cancelled (the loop is going): whoever waits hears so.
+                    stopped = OSError(f"the decision writer was interrupted: {e!r}")
+                    _fail(batch, stopped)
+                    _fail(self._pending, stopped)
+                    self._pending = []
                     raise
             try:
                 _answer(batch, kind, payload)
@@ -531,7 +535,7 @@ class WriterProcess:
             self._pending = [p for p in self._pending if p[1].get_loop() is loop]
         return self._lock
 
-    async def _exchange(self, steps: Sequence[Step]) -> tuple[str, str]:
+    async def _exchange(self, steps: Sequence[Step]) -> tuple[str, Any]:
         data = frame(list(steps))
         proc = self._proc
         if proc is None or proc.returncode is not None:
