@@ -13,6 +13,7 @@ import asyncio
 import os
 import signal
 import sqlite3
+import time
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,7 @@ from oo_ml.domain.ports import AddOffPolicy, InsertDecision, MarkRewarded, PutSt
 from oo_ml.domain.state import PolicyState, empty_state
 from oo_ml.errors import Conflict, TransientStoreError
 from oo_ml.schema.contracts import ALL_FEATURES
+from oo_ml.stores.sqlite import decision_writer
 from oo_ml.stores.sqlite.scoring import SqliteStore
 from tests.test_hot_path import assert_cache_equals_store
 from tests.test_store_shared import rec
@@ -117,6 +119,13 @@ async def test_a_failed_condition_fails_only_its_own_transaction_in_a_frame(
         await store.close()
 
 
+@pytest.fixture
+def slow_pace(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pacing far longer than any commit, whatever the disk: a frame that could wait does."""
+    monkeypatch.setattr(decision_writer, "_TX_PACE_S", 0.05)
+
+
+@pytest.mark.usefixtures("slow_pace")
 async def test_a_lone_caller_is_never_held_back(tmp_path: Path) -> None:
     store = SqliteStore.open(tmp_path / "s.db", decision_writer="process")
     try:
@@ -130,6 +139,7 @@ async def test_a_lone_caller_is_never_held_back(tmp_path: Path) -> None:
         await store.close()
 
 
+@pytest.mark.usefixtures("slow_pace")
 async def test_a_stream_of_rewards_is_paced_into_shared_frames(tmp_path: Path) -> None:
     store = SqliteStore.open(tmp_path / "s.db", decision_writer="process")
     try:
@@ -140,7 +150,7 @@ async def test_a_stream_of_rewards_is_paced_into_shared_frames(tmp_path: Path) -
         async def caller(u: int) -> None:
             # Eight callers, each with its next reward as soon as the last is answered,
             # started apart so that they do not arrive together.
-            await asyncio.sleep(0.0003 * u)
+            await asyncio.sleep(0.003 * u)
             for k in range(10):
                 i = 8 * k + u
                 await store.commit(reward_writes(i, user=f"u{u}", revision=k))
@@ -218,4 +228,55 @@ async def test_a_reward_whose_commit_fails_unanswered_leaves_no_stale_model(
         assert model.rewards == stored.state.rewards
     finally:
         await engine.close()
+        await store.close()
+
+
+@pytest.mark.parametrize("where", ["pacing", "lock"])
+async def test_a_sender_cancelled_while_waiting_answers_everyone_queued(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    """The loop going away cancels the task that sends frames: callers queued behind it
+    hear so, wherever it was waiting."""
+    monkeypatch.setattr(decision_writer, "_TX_PACE_S", 5.0)
+    store = SqliteStore.open(tmp_path / "s.db", decision_writer="process")
+    try:
+        await logged(store, 4, users=4)
+        writer = store.writer
+        assert writer is not None
+        # Two at once make a frame of two, after which the next frame would be paced.
+        await asyncio.gather(*(store.commit(reward_writes(i, user=f"u{i}")) for i in (0, 1)))
+        lock = writer._lock
+        assert lock is not None
+        if where == "lock":
+            await lock.acquire()  # as a decision log batch would hold it
+        try:
+            queued = [
+                asyncio.ensure_future(store.commit(reward_writes(i, user=f"u{i}"))) for i in (2, 3)
+            ]
+            await asyncio.sleep(0.05)
+            assert writer._sender is not None and not writer._sender.done()
+            writer._sender.cancel()
+            done, _ = await asyncio.wait(queued, timeout=2)
+            assert len(done) == 2
+            assert all(isinstance(t.exception(), TransientStoreError) for t in done)
+        finally:
+            if lock.locked():
+                lock.release()
+        # The writer still serves: the next reward starts a new sender.
+        assert await store.commit(reward_writes(2, user="u2")) == {("u2", "p"): 1}
+    finally:
+        await store.close()
+
+
+async def test_a_reward_waits_behind_a_long_write_of_the_thread(tmp_path: Path) -> None:
+    """The writer thread and the child share the file's write lock: a reward waits for a
+    long thread transaction (a big prune) instead of failing after SQLite's usual 5 s."""
+    store = SqliteStore.open(tmp_path / "s.db", decision_writer="process")
+    try:
+        await logged(store, 1)
+        long_write = asyncio.ensure_future(store.db.run(lambda conn: time.sleep(5.5)))
+        await asyncio.sleep(0.2)  # the thread holds the lock
+        assert await store.commit(reward_writes(0)) == {("u", "p"): 1}
+        assert long_write.done()
+    finally:
         await store.close()

@@ -89,6 +89,12 @@ _CHUNKS = (512, 256, 128, 64, 32, 16, 8, 4, 2, 1)
 _TX_PACE_S = 0.002
 _TX_GROUP = 16
 
+# How long the child waits for the file's write lock, which the parent's writer thread
+# also takes (resets, profiles, generations, upkeep's prunes, a bulk delete of which can
+# run for seconds). Rewards queued on the thread used to wait as long as it took; here
+# they wait this long before their frame fails as transient (ADR 0027).
+BUSY_TIMEOUT_MS = 30_000
+
 
 @functools.cache
 def _multi_row(head: str, row: str, n: int, tail: str = "") -> str:
@@ -371,7 +377,7 @@ def main(path: str) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     conn = sqlite3.connect(path, isolation_level=None)
-    conn.execute("PRAGMA busy_timeout=5000")
+    conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
     # The parent made the file (WAL, schema). FULL, as the parent's own writer: a batch is
     # on disk before the parent hears of it.
     conn.execute("PRAGMA synchronous=FULL")
@@ -484,45 +490,52 @@ class WriterProcess:
     async def _send_transactions(self) -> None:
         loop = asyncio.get_running_loop()
         lock = self._lock_for(loop)
-        while self._pending:
-            wait = self._sent_at + _TX_PACE_S - loop.time()
-            if (
-                wait > 0
-                and len(self._pending) < _TX_GROUP
-                and (len(self._pending) >= 2 or self._sent_size >= 2)
-            ):
-                self.paced += 1
-                self._group_full.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._group_full.wait(), wait)
-            async with lock:
-                # Taken under the lock: what queued behind a decision log batch goes too.
-                batch = [(tx, f) for tx, f in self._pending if not f.done()]
-                self._pending = []
-                if not batch:
-                    continue
-                if self._closed:
-                    _fail(batch, OSError("the decision writer is closed"))
-                    continue
-                self.frames += 1
-                self._sent_at, self._sent_size = loop.time(), len(batch)
-                try:
-                    kind, payload = await self._exchange([("transactions", [t for t, _ in batch])])
-                except OSError as e:
-                    _fail(batch, e)
-                    continue
-                except BaseException as e:
-                    # This task is cancelled (the loop is going): whoever waits hears so.
-                    stopped = OSError(f"the decision writer was interrupted: {e!r}")
-                    _fail(batch, stopped)
-                    _fail(self._pending, stopped)
+        batch: list[tuple[list[Write], asyncio.Future[dict[tuple[str, str], int]]]] = []
+        try:
+            while self._pending:
+                wait = self._sent_at + _TX_PACE_S - loop.time()
+                if (
+                    wait > 0
+                    and len(self._pending) < _TX_GROUP
+                    and (len(self._pending) >= 2 or self._sent_size >= 2)
+                ):
+                    self.paced += 1
+                    self._group_full.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._group_full.wait(), wait)
+                async with lock:
+                    # Taken under the lock: what queued behind a decision log batch goes too.
+                    batch = [(tx, f) for tx, f in self._pending if not f.done()]
                     self._pending = []
-                    raise
-            try:
-                _answer(batch, kind, payload)
-            except Exception as e:  # a reply that does not fit the batch: nobody hangs
-                log.exception("decision writer: an unreadable reply to %d transactions", len(batch))
-                _fail(batch, RefusedBatch(f"unreadable reply: {e!r}"))
+                    if not batch:
+                        continue
+                    if self._closed:
+                        _fail(batch, OSError("the decision writer is closed"))
+                        continue
+                    self.frames += 1
+                    self._sent_at, self._sent_size = loop.time(), len(batch)
+                    try:
+                        kind, payload = await self._exchange(
+                            [("transactions", [t for t, _ in batch])]
+                        )
+                    except OSError as e:
+                        _fail(batch, e)
+                        continue
+                try:
+                    _answer(batch, kind, payload)
+                except Exception as e:  # a reply that does not fit the batch: nobody hangs
+                    log.exception(
+                        "decision writer: unreadable reply to %d transactions", len(batch)
+                    )
+                    _fail(batch, RefusedBatch(f"unreadable reply: {e!r}"))
+        except BaseException as e:
+            # Cancelled (the loop is going) while pacing, waiting for the lock or for the
+            # child: whoever waits hears so, queued or sent.
+            stopped = OSError(f"the decision writer was interrupted: {e!r}")
+            _fail(batch, stopped)
+            _fail(self._pending, stopped)
+            self._pending = []
+            raise
 
     def _lock_for(self, loop: asyncio.AbstractEventLoop) -> asyncio.Lock:
         if self._loop is not loop or self._lock is None:
