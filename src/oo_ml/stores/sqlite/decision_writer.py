@@ -1,4 +1,4 @@
-"""The decision log's inserts, and the child process that runs them (`OO_DECISION_WRITER`).
+"""The decision log's inserts, rewards' writes, and the child process that runs them.
 
 Score answers before its decision is written; the decision log group-commits its buffer
 every few milliseconds (ADR 0011). Committed on the store's writer *thread*, each group
