@@ -196,19 +196,21 @@ async def test_a_dead_child_is_replaced_for_the_next_reward(tmp_path: Path) -> N
         await store.close()
 
 
-async def test_a_reward_whose_commit_fails_unanswered_leaves_no_stale_model(
+async def test_a_reward_whose_commit_lands_unanswered_is_learned_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A writer that dies after its COMMIT and before its answer: the reward may stand,
-    so the engine must not keep serving the model from before it."""
+    """A writer that dies after its COMMIT and before its answer: the reward stands, but
+    the engine heard TransientStoreError and keeps its cached model (warm Scores must not
+    need the store). The user's next reward loses its compare-and-set on that model,
+    reads the store and applies: each reward is learned once, and the cache is the store
+    again."""
     store = SqliteStore.open(tmp_path / "s.db", decision_writer="process")
     cfg = config_mod.load(env={}).scoring
     engine = ScoringEngine(cfg, store, NoStoredFeatures(), ALL_FEATURES)
     try:
         cmd = ScoreCommand("u", tuple(Candidate(f"t-{a}", a) for a in ("x", "y")), Inputs({}), "")
-        first = (await engine.score(cmd)).record.decision_id
-        second = (await engine.score(cmd)).record.decision_id
-        await engine.reward(first, 1.0)
+        ids = [(await engine.score(cmd)).record.decision_id for _ in range(3)]
+        await engine.reward(ids[0], 1.0)
         real = SqliteStore.commit
 
         async def lands_then_fails(self: SqliteStore, writes):  # type: ignore[no-untyped-def]
@@ -219,13 +221,17 @@ async def test_a_reward_whose_commit_fails_unanswered_leaves_no_stale_model(
 
         monkeypatch.setattr(SqliteStore, "commit", lands_then_fails)
         with pytest.raises(TransientStoreError):
-            await engine.reward(second, 1.0)
+            await engine.reward(ids[1], 1.0)
         monkeypatch.undo()
-        assert await assert_cache_equals_store(engine, store) >= 0
+        conflicts = engine.conflicts
+        result = await engine.reward(ids[2], 0.0)
+        assert result.applied
+        assert engine.conflicts == conflicts + 1  # the cached model was one reward behind
         stored = await store.get("u", engine.policy("").name)
-        assert stored is not None and stored.revision == 2  # the second reward stood
-        _, model = await engine.models.load("u", engine.policy(""))
-        assert model.rewards == stored.state.rewards
+        assert stored is not None and stored.revision == 3 and stored.state.rewards == 3
+        assert await assert_cache_equals_store(engine, store) == 1
+        # The reward that was answered as failed is not applied twice on a retry.
+        assert not (await engine.reward(ids[1], 1.0)).applied
     finally:
         await engine.close()
         await store.close()

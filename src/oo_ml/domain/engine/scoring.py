@@ -308,10 +308,13 @@ class ScoringEngine:
                 since = self.models.moment()
                 try:
                     revisions = await self.store.commit(writes)
-                except (asyncio.CancelledError, TransientStoreError):
-                    # Cancelled at a deadline, or the writer failed or died before it
-                    # answered: the commit may have landed (or may still). The cache must
-                    # not keep the old model, so read it again next time.
+                except asyncio.CancelledError:
+                    # Cancelled at a deadline: the commit may still land. The cache must
+                    # not keep the old model, so read it again next time. (A commit that
+                    # failed as TransientStoreError keeps it: warm users' Scores must not
+                    # need a store that is away. If it landed all the same, the cached
+                    # model is one reward behind until the user's next reward, whose
+                    # compare-and-set fails on it and reads the store again.)
                     for w in states:
                         self.models.forget(w.user_id, w.policy)
                     raise
