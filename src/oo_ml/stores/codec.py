@@ -63,6 +63,8 @@ _PULLS, _REWARDED, _REWARD_SUM = tag(4, 0), tag(5, 0), tag(6, 1)
 _PRIOR_PRECISION, _PRIOR_THETA = tag(7, 2), tag(8, 2)
 _ARMS = tag(8, 2)  # PolicyState.arms
 _DOUBLE = struct.Struct("<d")
+_ZERO_DOUBLE = _DOUBLE.pack(0.0)
+_UINT64 = 1 << 64
 
 
 def _packed(key: bytes, values: Vector | None) -> bytes:
@@ -91,10 +93,6 @@ def _arm_bytes(name: str, m: ArmModel) -> bytes:
     parts.append(_packed(_PRIOR_PRECISION, m.prior_precision))
     parts.append(_packed(_PRIOR_THETA, m.prior_theta))
     return b"".join(parts)
-
-
-_ZERO_DOUBLE = _DOUBLE.pack(0.0)
-_UINT64 = 1 << 64
 
 
 def encode_state(s: PolicyState) -> bytes:
