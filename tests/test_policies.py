@@ -186,3 +186,25 @@ def test_the_decision_rng_replays_and_is_uniform() -> None:
         )
         assert abs(normals.mean()) < 0.05 and abs(normals.std() - 1) < 0.05
     assert np.array_equal(rng_for("x").standard_normal(5), rng_for("x").standard_normal(5))
+
+
+def test_stacked_scores_are_each_arms_own_in_any_candidate_order() -> None:
+    """The stacked arrays, and the rows a state remembers per candidate list, give each
+    candidate its own arm's estimate and width, whatever the order, subset or repeats, and
+    however many lists the state has seen (the memo is bounded and cleared)."""
+    _, fv, state = trained("linucb")
+    st = state.stacked()
+    x = np.linspace(0.1, 1.0, fv.dim)
+    lists = [ARMS, ARMS[::-1], ARMS[1:3], ["c", "c", "a"], ["d"]]
+    lists += [list(np.random.default_rng(s).permutation(ARMS)) for s in range(20)]
+    for arms in lists * 2:
+        theta, a_inv, rewarded, reward_sum = st.of(arms)
+        for i, arm in enumerate(arms):
+            model = state.arms[arm]
+            np.testing.assert_allclose(theta[i] @ x, model.a_inv @ model.b @ x, rtol=1e-12)
+            np.testing.assert_allclose(x @ a_inv[i] @ x, x @ model.a_inv @ x, rtol=1e-12)
+            assert (rewarded[i], reward_sum[i]) == (model.rewarded, model.reward_sum)
+    assert st.rows(ARMS) is None  # every arm, in stacking order: nothing to gather
+    assert st.rows(tuple(ARMS)) is None
+    assert st.rows(ARMS[1:]) is not None
+    assert len(st._rows) <= 8

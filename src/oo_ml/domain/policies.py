@@ -11,7 +11,7 @@ propensities for logged data; a deterministic policy without ties gives its choi
 propensity 1 (see docs/policies.md for what that means for off-policy evaluation).
 
 Every policy built by `build_policies` (but `uniform`) mixes in OO_MIN_EXPLORATION (m) of
-uniform exploration (`mixed`, ADR 0014): its logged propensities are (1 - m) p + m / K, so
+uniform exploration (`_mixed`, ADR 0014): its logged propensities are (1 - m) p + m / K, so
 no candidate ever has propensity 0 and off-policy estimates have support whichever
 policy served. Shadows are built the same way: a shadow's propensities are those of the
 target as it would be served.
@@ -66,58 +66,73 @@ class Policy(Protocol):
 
 def estimates(state: PolicyState, x: Vector, arms: Sequence[str]) -> npt.NDArray[np.float64]:
     """Each arm's ridge estimate theta_a . x: one matmul over the stacked arms."""
-    st = state.stacked()
-    return np.asarray(st.theta[st.rows(arms)] @ x, dtype=np.float64)
+    theta = state.stacked().of(arms)[0]
+    return np.asarray(theta @ x, dtype=np.float64)
+
+
+def _widths(a_inv: npt.NDArray[np.float64], x: Vector) -> npt.NDArray[np.float64]:
+    quad = (a_inv @ x) @ x
+    return np.asarray(np.sqrt(np.maximum(quad, 0.0)), dtype=np.float64)
 
 
 def widths(state: PolicyState, x: Vector, arms: Sequence[str]) -> npt.NDArray[np.float64]:
     """Each arm's sqrt(x' A^-1 x): the confidence width of its estimate at x."""
-    st = state.stacked()
-    quad = (st.a_inv[st.rows(arms)] @ x) @ x
-    return np.asarray(np.sqrt(np.maximum(quad, 0.0)), dtype=np.float64)
+    return _widths(state.stacked().of(arms)[1], x)
 
 
 _NOISE_SCALE = 1.0
 
 
-def noise_sd(state: PolicyState, arms: Sequence[str]) -> npt.NDArray[np.float64]:
-    """Each arm's reward noise, sqrt(p(1-p)) with p its smoothed mean reward (Beta(1, 1)):
-    ridge's sqrt(x'A^-1 x) is the width for unit noise, too wide for 0/1 rewards."""
-    st = state.stacked()
-    rows = st.rows(arms)
-    p = (st.reward_sum[rows] + 1.0) / (st.rewarded[rows] + 2.0)
+def _noise(rewarded: Vector, reward_sum: Vector) -> npt.NDArray[np.float64]:
+    p = (reward_sum + 1.0) / (rewarded + 2.0)
     # Rewards in [-1, 1] can put p outside [0, 1]: the variance is then taken as 0.
     return np.asarray(np.sqrt(np.maximum(p * (1.0 - p), 0.0)), dtype=np.float64)
 
 
-def _greedy(scores: npt.NDArray[np.float64]) -> npt.NDArray[np.intp]:
-    return np.flatnonzero(scores >= scores.max() - _TIE)
+def noise_sd(state: PolicyState, arms: Sequence[str]) -> npt.NDArray[np.float64]:
+    """Each arm's reward noise, sqrt(p(1-p)) with p its smoothed mean reward (Beta(1, 1)):
+    ridge's sqrt(x'A^-1 x) is the width for unit noise, too wide for 0/1 rewards."""
+    _, _, rewarded, reward_sum = state.stacked().of(arms)
+    return _noise(rewarded, reward_sum)
 
 
-def _argmax_with_ties(
-    scores: npt.NDArray[np.float64], rng: Random
-) -> tuple[int, npt.NDArray[np.float64]]:
-    best = _greedy(scores)
-    props = np.zeros(len(scores))
-    props[best] = 1.0 / len(best)
-    return int(best[rng.integers(len(best))]), props
+def _greedy(scores: npt.NDArray[np.float64]) -> tuple[int, ...]:
+    """The candidates within _TIE of the top score, in order (the top alone, mostly)."""
+    top = int(scores.argmax())
+    near = scores >= scores[top] - _TIE
+    if np.count_nonzero(near) == 1:
+        return (top,)
+    return tuple(np.flatnonzero(near).tolist())
 
 
-def mixed(sel: Selection, m: float, rng: Random) -> Selection:
-    """`sel` with uniform exploration m mixed in (OO_MIN_EXPLORATION, ADR 0014): with
-    probability m the choice is redrawn uniformly, and every propensity becomes
+def _mixed(
+    chosen: int,
+    scores: npt.NDArray[np.float64],
+    props: npt.NDArray[np.float64],
+    explored: bool,
+    *,
+    m: float,
+    rng: Random,
+) -> Selection:
+    """The selection with uniform exploration m mixed in (OO_MIN_EXPLORATION, ADR 0014):
+    with probability m the choice is redrawn uniformly, and every propensity becomes
     (1 - m) p + m / K, which is exactly the chance the mixed policy picks that arm. The two
     draws come after the policy's own, from the same decision RNG, so decisions replay.
-    `explored` is also true when the uniform draw picked an arm other than the policy's."""
-    if m <= 0.0:
-        return sel
-    k = len(sel.propensities)
-    props = tuple((1.0 - m) * p + m / k for p in sel.propensities)
-    chosen, explored = sel.chosen, sel.explored
-    if rng.random() < m:
-        chosen = rng.integers(k)
-        explored = explored or chosen != sel.chosen
-    return Selection(chosen=chosen, scores=sel.scores, propensities=props, explored=explored)
+    `explored` is also true when the uniform draw picked an arm other than the policy's.
+    Whole arrays, no loop over arms: this runs on every Score."""
+    if m > 0.0:
+        k = len(props)
+        props = (1.0 - m) * props + m / k
+        if rng.random() < m:
+            redrawn = rng.integers(k)
+            explored = explored or redrawn != chosen
+            chosen = redrawn
+    return Selection(
+        chosen=chosen,
+        scores=tuple(scores.tolist()),
+        propensities=tuple(props.tolist()),
+        explored=explored,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,16 +148,10 @@ class EpsilonGreedy:
         k = len(arms)
         best = _greedy(scores)
         props = np.full(k, self.epsilon / k)
-        props[best] += (1.0 - self.epsilon) / len(best)
-        explore = bool(rng.random() < self.epsilon)
-        chosen = int(rng.integers(k)) if explore else int(best[rng.integers(len(best))])
-        sel = Selection(
-            chosen=chosen,
-            scores=tuple(scores.tolist()),
-            propensities=tuple(props.tolist()),
-            explored=chosen not in best,
-        )
-        return mixed(sel, self.min_exploration, rng)
+        props[best,] += (1.0 - self.epsilon) / len(best)
+        explore = rng.random() < self.epsilon
+        chosen = rng.integers(k) if explore else best[rng.integers(len(best))]
+        return _mixed(chosen, scores, props, chosen not in best, m=self.min_exploration, rng=rng)
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,17 +167,17 @@ class LinUCB:
         return self.min_exploration <= 0.0
 
     def select(self, state: PolicyState, x: Vector, arms: Sequence[str], rng: Random) -> Selection:
-        mean = estimates(state, x, arms)
-        ucb = mean + self.alpha * _NOISE_SCALE * noise_sd(state, arms) * widths(state, x, arms)
-        chosen, props = _argmax_with_ties(ucb, rng)
-        sel = Selection(
-            chosen=chosen,
-            scores=tuple(ucb.tolist()),
-            propensities=tuple(props.tolist()),
-            # The bonus, not the estimate, made the choice.
-            explored=chosen not in _greedy(mean),
-        )
-        return mixed(sel, self.min_exploration, rng)
+        theta, a_inv, rewarded, reward_sum = state.stacked().of(arms)
+        mean = theta @ x
+        bonus = self.alpha * _NOISE_SCALE * _noise(rewarded, reward_sum) * _widths(a_inv, x)
+        ucb = np.asarray(mean + bonus, dtype=np.float64)
+        best = _greedy(ucb)
+        chosen = best[rng.integers(len(best))]
+        props = np.zeros(len(ucb))
+        props[best,] = 1.0 / len(best)
+        # The bonus, not the estimate, made the choice.
+        explored = chosen not in _greedy(mean)
+        return _mixed(chosen, ucb, props, explored, m=self.min_exploration, rng=rng)
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,13 +199,8 @@ class LinearThompson:
         if props[chosen] <= 0.0:  # out in the numerical tail: never log a zero for the choice
             props[chosen] = 1e-12
             props /= props.sum()
-        sel = Selection(
-            chosen=chosen,
-            scores=tuple(draw.tolist()),
-            propensities=tuple(props.tolist()),
-            explored=chosen not in _greedy(mean),
-        )
-        return mixed(sel, self.min_exploration, rng)
+        explored = chosen not in _greedy(mean)
+        return _mixed(chosen, draw, props, explored, m=self.min_exploration, rng=rng)
 
 
 def _thompson_propensities(

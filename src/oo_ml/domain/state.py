@@ -124,6 +124,10 @@ class ArmModel:
         )
 
 
+_ROWS_KEPT = 8
+"""Candidate lists whose rows a `Stacked` remembers (a user's candidates rarely change)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Stacked:
     """A state's arms as arrays: row `index[arm]` of each."""
@@ -133,10 +137,34 @@ class Stacked:
     a_inv: npt.NDArray[np.float64]  # (K, D, D)
     rewarded: Vector  # (K,)
     reward_sum: Vector  # (K,)
+    # The rows of candidate lists seen before, None for "every arm, in stacking order" (no
+    # gather needed): a warm Score looks its candidates up once instead of arm by arm.
+    _rows: dict[tuple[str, ...], npt.NDArray[np.intp] | None] = field(
+        default_factory=dict, compare=False, repr=False
+    )
 
-    def rows(self, arms: Sequence[str]) -> npt.NDArray[np.intp]:
+    def rows(self, arms: Sequence[str]) -> npt.NDArray[np.intp] | None:
+        """The rows of `arms`, or None when they are every arm in stacking order."""
+        key = arms if isinstance(arms, tuple) else tuple(arms)
+        memo = self._rows
+        try:
+            return memo[key]
+        except KeyError:
+            pass
         index = self.index
-        return np.fromiter((index[a] for a in arms), dtype=np.intp, count=len(arms))
+        rows = np.fromiter((index[a] for a in key), dtype=np.intp, count=len(key))
+        if len(memo) >= _ROWS_KEPT:
+            memo.clear()
+        whole = len(rows) == len(index) and bool((rows == np.arange(len(rows))).all())
+        memo[key] = found = None if whole else rows
+        return found
+
+    def of(self, arms: Sequence[str]) -> tuple[Matrix, npt.NDArray[np.float64], Vector, Vector]:
+        """theta, A^-1, rewarded and reward_sum of `arms`, in their order."""
+        rows = self.rows(arms)
+        if rows is None:
+            return self.theta, self.a_inv, self.rewarded, self.reward_sum
+        return self.theta[rows], self.a_inv[rows], self.rewarded[rows], self.reward_sum[rows]
 
 
 @dataclass(frozen=True, slots=True)
