@@ -120,8 +120,7 @@ def utc_offset_minutes(tz: str, now: float) -> int:
     return int(offset.total_seconds() // 60) if offset is not None else 0
 
 
-def _clock_value(name: str, now: float, tz: str) -> float | None:
-    local = datetime.fromtimestamp(now, UTC).astimezone(zone(tz))
+def _clock_value(name: str, local: datetime) -> float | None:
     if name == "hour_of_day":
         return float(local.hour)
     if name == "day_of_week":
@@ -145,13 +144,16 @@ def assemble(
     now = time.time() if now is None else now
     values: dict[str, float] = {}
     origins: dict[str, Origin] = {}
+    local: datetime | None = None  # the user's local time, made once for every clock feature
     for name, contract in contracts.items():
         given = inputs.values.get(name)
         if given is not None:
             values[name], origins[name] = float(given), Origin.REQUEST
             continue
         if contract.source is Source.SERVER_CLOCK:
-            v = _clock_value(name, now, inputs.timezone)
+            if local is None:
+                local = datetime.fromtimestamp(now, UTC).astimezone(zone(inputs.timezone))
+            v = _clock_value(name, local)
             if v is not None:
                 values[name], origins[name] = v, Origin.SERVER_CLOCK
                 continue
@@ -179,33 +181,37 @@ def _load(n: float) -> float:
     return min(math.log1p(max(n, 0.0)) / _TASK_SCALE, 1.0)
 
 
+def _v1_values(v: Mapping[str, float]) -> list[float]:
+    h = v["hour_of_day"] / 24.0 * _TWO_PI
+    d = v["day_of_week"] / 7.0 * _TWO_PI
+    return [
+        1.0,
+        math.sin(h),
+        math.cos(h),
+        math.sin(d),
+        math.cos(d),
+        _load(v["open_tasks"]),
+        _load(v["overdue_tasks"]),
+    ]
+
+
 def vectorise_v1(f: Assembled) -> Vector:
-    h = f["hour_of_day"] / 24.0 * _TWO_PI
-    d = f["day_of_week"] / 7.0 * _TWO_PI
-    return np.array(
-        [
-            1.0,
-            math.sin(h),
-            math.cos(h),
-            math.sin(d),
-            math.cos(d),
-            _load(f["open_tasks"]),
-            _load(f["overdue_tasks"]),
-        ],
-        dtype=np.float64,
-    )
+    return np.array(_v1_values(f.values), dtype=np.float64)
 
 
 def vectorise_v2(f: Assembled) -> Vector:
-    gap = (f["hour_of_day"] - f["preferred_hour"]) / 24.0 * _TWO_PI
-    extra = [
-        f["completion_rate_30d"],
-        f["dismiss_rate_30d"],
-        min(f["mean_dwell_ms_30d"], _DWELL_CLIP_MS) / _DWELL_CLIP_MS,
+    # One list and one array (not v1's array concatenated): a Score vectorises every call.
+    v = f.values
+    gap = (v["hour_of_day"] - v["preferred_hour"]) / 24.0 * _TWO_PI
+    values = _v1_values(v)
+    values += (
+        v["completion_rate_30d"],
+        v["dismiss_rate_30d"],
+        min(v["mean_dwell_ms_30d"], _DWELL_CLIP_MS) / _DWELL_CLIP_MS,
         math.cos(gap),
-        min(math.log1p(f["tip_volume_30d"]) / _VOLUME_SCALE, 1.0),
-    ]
-    return np.concatenate([vectorise_v1(f), np.array(extra, dtype=np.float64)])
+        min(math.log1p(v["tip_volume_30d"]) / _VOLUME_SCALE, 1.0),
+    )
+    return np.array(values, dtype=np.float64)
 
 
 @dataclass(frozen=True, slots=True)

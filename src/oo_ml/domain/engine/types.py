@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from operator import attrgetter
 from typing import NamedTuple, Protocol
 
 from oo_ml.domain.decisions import DecisionRecord, LoggedCandidate
@@ -11,6 +12,8 @@ from oo_ml.domain.ope import OffPolicyEstimate
 
 # The prompt-version bucket of curated fallback tips.
 FALLBACK_BUCKET = "fallback"
+
+_SCORE = attrgetter("score")
 
 
 class Candidate(NamedTuple):
@@ -38,8 +41,10 @@ class ScoreResult:
     def ranking(self) -> list[LoggedCandidate]:
         """Candidates best first: the chosen one, then by score."""
         chosen = self.record.chosen
-        rest = [c for i, c in enumerate(self.record.candidates) if i != self.record.chosen_index]
-        return [chosen, *sorted(rest, key=lambda c: -c.score)]
+        rest = list(self.record.candidates)
+        del rest[self.record.chosen_index]
+        # Stable, like sorting on -score: equal scores keep the request's order.
+        return [chosen, *sorted(rest, key=_SCORE, reverse=True)]
 
 
 @dataclass(frozen=True, slots=True)
