@@ -6,8 +6,11 @@ import math
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from oo_ml import config as config_mod
+from oo_ml.domain import policies
 from oo_ml.domain.features import FEATURE_VERSIONS, Inputs, assemble
 from oo_ml.domain.policies import build_policies
 from oo_ml.domain.rng import rng_for
@@ -198,13 +201,31 @@ def test_stacked_scores_are_each_arms_own_in_any_candidate_order() -> None:
     lists = [ARMS, ARMS[::-1], ARMS[1:3], ["c", "c", "a"], ["d"]]
     lists += [list(np.random.default_rng(s).permutation(ARMS)) for s in range(20)]
     for arms in lists * 2:
-        theta, a_inv, rewarded, reward_sum = st.of(arms)
+        theta, a_inv, sd = st.of(arms)
         for i, arm in enumerate(arms):
             model = state.arms[arm]
             np.testing.assert_allclose(theta[i] @ x, model.a_inv @ model.b @ x, rtol=1e-12)
             np.testing.assert_allclose(x @ a_inv[i] @ x, x @ model.a_inv @ x, rtol=1e-12)
-            assert (rewarded[i], reward_sum[i]) == (model.rewarded, model.reward_sum)
+            p = (model.reward_sum + 1.0) / (model.rewarded + 2.0)
+            assert sd[i] == math.sqrt(p * (1.0 - p))
     assert st.rows(ARMS) is None  # every arm, in stacking order: nothing to gather
     assert st.rows(tuple(ARMS)) is None
     assert st.rows(ARMS[1:]) is not None
     assert len(st._rows) <= 8
+
+
+@given(
+    st.lists(
+        st.sampled_from([0.0, -0.0, 1.0, 1.0 + 5e-13, 1.0 - 5e-13, 2.0, -1.0])
+        | st.floats(allow_nan=True, allow_infinity=True),
+        min_size=1,
+        max_size=12,
+    )
+)
+def test_the_greedy_set_is_every_score_within_the_tie_of_the_top(scores: list[float]) -> None:
+    """`_greedy`'s list fast paths (one top, all tied) and its array path agree with the
+    definition: the indices whose score is within _TIE of the maximum (NumPy's comparisons,
+    NaN included)."""
+    arr = np.asarray(scores, dtype=np.float64)
+    expected = tuple(np.flatnonzero(arr >= arr.max() - policies._TIE).tolist())
+    assert policies._greedy(scores) == expected

@@ -21,6 +21,7 @@ Policies are chosen from `POLICIES` by name; `make_policy` builds one from confi
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -83,26 +84,66 @@ def widths(state: PolicyState, x: Vector, arms: Sequence[str]) -> npt.NDArray[np
 _NOISE_SCALE = 1.0
 
 
-def _noise(rewarded: Vector, reward_sum: Vector) -> npt.NDArray[np.float64]:
-    p = (reward_sum + 1.0) / (rewarded + 2.0)
-    # Rewards in [-1, 1] can put p outside [0, 1]: the variance is then taken as 0.
-    return np.asarray(np.sqrt(np.maximum(p * (1.0 - p), 0.0)), dtype=np.float64)
-
-
 def noise_sd(state: PolicyState, arms: Sequence[str]) -> npt.NDArray[np.float64]:
     """Each arm's reward noise, sqrt(p(1-p)) with p its smoothed mean reward (Beta(1, 1)):
     ridge's sqrt(x'A^-1 x) is the width for unit noise, too wide for 0/1 rewards."""
-    _, _, rewarded, reward_sum = state.stacked().of(arms)
-    return _noise(rewarded, reward_sum)
+    return np.asarray(state.stacked().of(arms)[2], dtype=np.float64)
 
 
-def _greedy(scores: npt.NDArray[np.float64]) -> tuple[int, ...]:
+# Choosing among ten candidates is cheap arithmetic, but every NumPy call on a small array
+# costs microseconds of dispatch, several times more between requests (cold caches) than
+# in a benchmark loop. So the choice works on the scores as a Python list with C builtins
+# (max, sorted, index: no loop over arms in Python), and the propensities of a policy
+# with two levels (the greedy set and the rest) are written as two numbers.
+
+
+def _greedy_array(scores: npt.NDArray[np.float64]) -> tuple[int, ...]:
+    return tuple(np.flatnonzero(scores >= scores.max() - _TIE).tolist())
+
+
+def _greedy(scores: list[float]) -> tuple[int, ...]:
     """The candidates within _TIE of the top score, in order (the top alone, mostly)."""
-    top = int(scores.argmax())
-    near = scores >= scores[top] - _TIE
-    if np.count_nonzero(near) == 1:
-        return (top,)
-    return tuple(np.flatnonzero(near).tolist())
+    total = sum(scores)
+    if math.isnan(total):  # a NaN (or inf - inf): NumPy's comparisons, as before
+        return _greedy_array(np.asarray(scores, dtype=np.float64))
+    ranked = sorted(scores)
+    top = ranked[-1]
+    cut = top - _TIE
+    if len(ranked) == 1 or ranked[-2] < cut:
+        return (scores.index(top),)
+    if ranked[0] >= cut:
+        return tuple(range(len(scores)))  # all tied (a new user, no prior)
+    return _greedy_array(np.asarray(scores, dtype=np.float64))
+
+
+def _selection(
+    chosen: int,
+    scores: list[float],
+    best: tuple[int, ...],
+    explored: bool,
+    *,
+    p_best: float,
+    p_rest: float,
+    m: float,
+    rng: Random,
+) -> Selection:
+    """The selection of a policy whose propensities are p_best on the greedy set and p_rest
+    elsewhere, with uniform exploration m mixed in (see `_mixed`: the same draws and the
+    same arithmetic, so the same bits)."""
+    k = len(scores)
+    if m > 0.0:
+        p_best = (1.0 - m) * p_best + m / k
+        p_rest = (1.0 - m) * p_rest + m / k
+        if rng.random() < m:
+            redrawn = rng.integers(k)
+            explored = explored or redrawn != chosen
+            chosen = redrawn
+    props = [p_rest] * k
+    for i in best:  # the ties: one index, mostly
+        props[i] = p_best
+    return Selection(
+        chosen=chosen, scores=tuple(scores), propensities=tuple(props), explored=explored
+    )
 
 
 def _mixed(
@@ -119,7 +160,7 @@ def _mixed(
     (1 - m) p + m / K, which is exactly the chance the mixed policy picks that arm. The two
     draws come after the policy's own, from the same decision RNG, so decisions replay.
     `explored` is also true when the uniform draw picked an arm other than the policy's.
-    Whole arrays, no loop over arms: this runs on every Score."""
+    Whole arrays, no loop over arms."""
     if m > 0.0:
         k = len(props)
         props = (1.0 - m) * props + m / k
@@ -144,14 +185,23 @@ class EpsilonGreedy:
     deterministic: bool = False
 
     def select(self, state: PolicyState, x: Vector, arms: Sequence[str], rng: Random) -> Selection:
-        scores = estimates(state, x, arms)
-        k = len(arms)
+        scores = (state.stacked().of(arms)[0] @ x).tolist()
+        k, eps = len(scores), self.epsilon
         best = _greedy(scores)
-        props = np.full(k, self.epsilon / k)
-        props[best,] += (1.0 - self.epsilon) / len(best)
-        explore = rng.random() < self.epsilon
+        explore = rng.random() < eps
         chosen = rng.integers(k) if explore else best[rng.integers(len(best))]
-        return _mixed(chosen, scores, props, chosen not in best, m=self.min_exploration, rng=rng)
+        p_rest = eps / k
+        p_best = p_rest + (1.0 - eps) / len(best)
+        return _selection(
+            chosen,
+            scores,
+            best,
+            chosen not in best,
+            p_best=p_best,
+            p_rest=p_rest,
+            m=self.min_exploration,
+            rng=rng,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,17 +217,23 @@ class LinUCB:
         return self.min_exploration <= 0.0
 
     def select(self, state: PolicyState, x: Vector, arms: Sequence[str], rng: Random) -> Selection:
-        theta, a_inv, rewarded, reward_sum = state.stacked().of(arms)
+        theta, a_inv, sd = state.stacked().of(arms)
         mean = theta @ x
-        bonus = self.alpha * _NOISE_SCALE * _noise(rewarded, reward_sum) * _widths(a_inv, x)
-        ucb = np.asarray(mean + bonus, dtype=np.float64)
+        ucb = (mean + self.alpha * _NOISE_SCALE * sd * _widths(a_inv, x)).tolist()
         best = _greedy(ucb)
         chosen = best[rng.integers(len(best))]
-        props = np.zeros(len(ucb))
-        props[best,] = 1.0 / len(best)
         # The bonus, not the estimate, made the choice.
-        explored = chosen not in _greedy(mean)
-        return _mixed(chosen, ucb, props, explored, m=self.min_exploration, rng=rng)
+        explored = chosen not in _greedy(mean.tolist())
+        return _selection(
+            chosen,
+            ucb,
+            best,
+            explored,
+            p_best=1.0 / len(best),
+            p_rest=0.0,
+            m=self.min_exploration,
+            rng=rng,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,7 +255,7 @@ class LinearThompson:
         if props[chosen] <= 0.0:  # out in the numerical tail: never log a zero for the choice
             props[chosen] = 1e-12
             props /= props.sum()
-        explored = chosen not in _greedy(mean)
+        explored = chosen not in _greedy(mean.tolist())
         return _mixed(chosen, draw, props, explored, m=self.min_exploration, rng=rng)
 
 

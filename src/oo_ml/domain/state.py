@@ -142,6 +142,18 @@ class Stacked:
     _rows: dict[tuple[str, ...], npt.NDArray[np.intp] | None] = field(
         default_factory=dict, compare=False, repr=False
     )
+    _reward_sd: Vector | None = field(default=None, compare=False, repr=False)
+
+    def reward_sd(self) -> Vector:
+        """Each arm's reward noise, sqrt(p(1-p)) with p its mean reward smoothed by a
+        Beta(1, 1) prior; made once per state (it changes only with a reward)."""
+        if self._reward_sd is None:
+            p = (self.reward_sum + 1.0) / (self.rewarded + 2.0)
+            # Rewards in [-1, 1] can put p outside [0, 1]: the variance is then taken as 0.
+            sd = np.sqrt(np.maximum(p * (1.0 - p), 0.0))
+            object.__setattr__(self, "_reward_sd", sd)  # a cache on a frozen value
+            return sd
+        return self._reward_sd
 
     def rows(self, arms: Sequence[str]) -> npt.NDArray[np.intp] | None:
         """The rows of `arms`, or None when they are every arm in stacking order."""
@@ -159,12 +171,12 @@ class Stacked:
         memo[key] = found = None if whole else rows
         return found
 
-    def of(self, arms: Sequence[str]) -> tuple[Matrix, npt.NDArray[np.float64], Vector, Vector]:
-        """theta, A^-1, rewarded and reward_sum of `arms`, in their order."""
+    def of(self, arms: Sequence[str]) -> tuple[Matrix, npt.NDArray[np.float64], Vector]:
+        """theta, A^-1 and the reward noise (`reward_sd`) of `arms`, in their order."""
         rows = self.rows(arms)
         if rows is None:
-            return self.theta, self.a_inv, self.rewarded, self.reward_sum
-        return self.theta[rows], self.a_inv[rows], self.rewarded[rows], self.reward_sum[rows]
+            return self.theta, self.a_inv, self.reward_sd()
+        return self.theta[rows], self.a_inv[rows], self.reward_sd()[rows]
 
 
 @dataclass(frozen=True, slots=True)
