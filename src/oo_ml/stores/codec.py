@@ -7,11 +7,12 @@ rather than guess at it.
 
 from __future__ import annotations
 
+import operator
 import struct
 import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import numpy as np
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, unknown_fields
@@ -260,6 +261,8 @@ _C_TIP, _C_ARM, _C_GENERATION, _C_PROMPT = tag(1, 2), tag(2, 2), tag(5, 2), tag(
 _D_HEAD = _D_FORMAT + varint(DECISION_FORMAT)
 _UINT32 = 1 << 32
 _CANDIDATE_BYTES: dict[tuple[str, str, str, str], bytes] = {}
+_SCORE: Callable[[LoggedCandidate], float] = operator.itemgetter(2)
+_PROPENSITY: Callable[[LoggedCandidate], float] = operator.itemgetter(3)
 _CANDIDATE_BYTES_MAX = 20_000
 
 
@@ -274,9 +277,15 @@ def _run(key: bytes, raw: bytes) -> bytes:
     return key + varint(len(raw)) + raw if raw else b""
 
 
+# (tip_id, arm, generation_id, prompt_version) of a LoggedCandidate, taken in C.
+_CANDIDATE_KEY: Callable[[LoggedCandidate], tuple[str, str, str, str]] = operator.itemgetter(
+    0, 1, 4, 5
+)
+
+
 def _candidate_entry(c: LoggedCandidate) -> bytes:
     """One `candidates` entry, its key and length included (scores travel apart)."""
-    key = (c.tip_id, c.arm, c.generation_id, c.prompt_version)
+    key = _CANDIDATE_KEY(c)
     found = _CANDIDATE_BYTES.get(key)
     if found is None:
         body = b"".join(
@@ -300,16 +309,40 @@ def serialize_decision(r: DecisionRecord) -> bytes:
         raise ValueError(f"chosen_index {r.chosen_index} does not fit a uint32")
     candidates = r.candidates
     parts = [_D_HEAD, _text(_D_FEATURE_VERSION, r.feature_version)]
-    parts += map(_candidate_entry, candidates)
+    remembered = list(map(_CANDIDATE_BYTES.get, map(_CANDIDATE_KEY, candidates)))
+    if None in remembered:  # a candidate not seen lately
+        parts += [_candidate_entry(c) for c in candidates]
+    else:
+        parts += cast(list[bytes], remembered)
     if r.chosen_index:
         parts.append(_D_CHOSEN + varint(r.chosen_index))
     if r.explored:
         parts.append(_D_EXPLORED + b"\x01")
-    parts.append(_run(_D_X32, np.asarray(r.x, dtype=_F32).tobytes()))
-    parts.append(_run(_D_SCORES32, np.array([c.score for c in candidates], dtype=_F32).tobytes()))
-    props = np.array([c.propensity for c in candidates], dtype=_F32).tobytes()
-    parts.append(_run(_D_PROPENSITIES32, props))
+    parts.append(_run(_D_X32, _float32s(r.x.tolist() if isinstance(r.x, np.ndarray) else r.x)))
+    parts.append(_run(_D_SCORES32, _float32s(list(map(_SCORE, candidates)))))
+    parts.append(_run(_D_PROPENSITIES32, _float32s(list(map(_PROPENSITY, candidates)))))
     return b"".join(parts)
+
+
+_PACK_F32: dict[int, struct.Struct] = {}
+_PACKS_KEPT = 256
+
+
+def _float32s(values: Sequence[float]) -> bytes:
+    """Little-endian float32s, as NumPy casts them. `struct` rounds the same way (a C cast)
+    without NumPy's per-call dispatch, which costs several microseconds between requests;
+    it refuses a finite value beyond float32's range, which NumPy makes infinite."""
+    n = len(values)
+    pack = _PACK_F32.get(n)
+    if pack is None:
+        pack = struct.Struct(f"<{n}f")
+        if n <= _PACKS_KEPT:  # candidates and feature dimensions: a few sizes
+            _PACK_F32[n] = pack
+    try:
+        return pack.pack(*values)
+    except OverflowError:
+        with np.errstate(over="ignore"):
+            return np.asarray(values, dtype=np.float64).astype(_F32).tobytes()
 
 
 def compress_decision(serialized: bytes) -> bytes:
