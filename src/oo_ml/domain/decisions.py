@@ -7,8 +7,10 @@ store columns so it can be set exactly once by a conditional update.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from itertools import repeat
+from typing import Any, NamedTuple
 
 from oo_ml.domain.features import Vector
 
@@ -21,6 +23,17 @@ class LoggedCandidate(NamedTuple):
     propensity: float
     generation_id: str = ""
     prompt_version: str = ""
+
+
+def logged_candidates(
+    rows: Iterable[tuple[str, str, float, float, str, str]],
+) -> tuple[LoggedCandidate, ...]:
+    """LoggedCandidates from rows of their six fields, made by `tuple.__new__` in C (see
+    `engine.types.candidates_of`)."""
+    return tuple(map(_TUPLE_NEW, repeat(LoggedCandidate), rows))
+
+
+_TUPLE_NEW: Any = tuple.__new__
 
 
 @dataclass(frozen=True, slots=True)

@@ -42,6 +42,10 @@ class Origin(enum.Enum):
     PROFILE_STORE = 4
     FALLBACK = 5
 
+    # Enum hashes a member by its name in Python; members are singletons compared by
+    # identity, so the identity hash agrees, in C (a Score hashes an origin per feature).
+    __hash__ = object.__hash__
+
 
 @dataclass(frozen=True, slots=True)
 class StoredValue:

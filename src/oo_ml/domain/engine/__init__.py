@@ -20,6 +20,7 @@ from oo_ml.domain.engine.types import (
     ScoreCommand,
     ScoreResult,
     StatsReport,
+    candidates_of,
 )
 
 __all__ = [
@@ -33,4 +34,5 @@ __all__ = [
     "ScoreResult",
     "ScoringEngine",
     "StatsReport",
+    "candidates_of",
 ]
