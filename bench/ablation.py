@@ -17,7 +17,10 @@ And the decision log's writer, piece by piece (SQLite store):
   once, never reaching a writer;
 - `nowrite`: the commit runs on the writer thread (transaction and all) but inserts nothing;
 - `noencode`: the rows are inserted with a constant 300-byte blob (no encoding);
-- `nozlib`: the blob is encoded but not compressed.
+- `nozlib`: the blob is encoded but not compressed;
+- `noship`: the decision log flushes as usual and exchanges a frame with the writer child
+  per flush, but an empty one: no rows are encoded on the loop, shipped, or inserted and
+  fsynced by the child.
 
 (`nowrite`, `noencode` and `nozlib` cut into the writer thread's work, so they run with
 `OO_DECISION_WRITER=thread`: a monkeypatch does not reach the child process.)
@@ -26,6 +29,12 @@ The same h2load load as `bench.transport` (4 processes x 1 connection, each its 
 and body), interleaved rounds, medians, and the server's CPU per request:
 
     python -m bench.ablation --variants echo,full,nolog,const --rounds 3
+
+A variant may name another source tree, `full@/path/to/checkout`: its server imports
+oo_ml from that tree's `src` (an A/B of two commits, interleaved in the same rounds). A
+variant ending in `+spin` (`noship+spin`) is measured while a process keeps a CPU busy for
+`--spin` (default 0.15) of every 5 ms: on a 2-core machine, CPU used anywhere else (the
+writer child, the load generator) is taken from the event loop, and this shows how much.
 
 Cutting pieces out changes what the server does, so these servers are for measuring
 only; `bench.transport` measures oo-ml as it is.
@@ -36,8 +45,10 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import subprocess
 import sys
-from typing import Any
+import time
+from typing import Any, NoReturn
 
 VARIANTS = (
     "full",
@@ -49,6 +60,7 @@ VARIANTS = (
     "nowrite",
     "noencode",
     "nozlib",
+    "noship",
 )
 # The variants that patch the writer thread's work (see the docstring).
 _ON_THE_THREAD = ("thread", "nowrite", "noencode", "nozlib")
@@ -77,6 +89,19 @@ def serve(variant: str, argv: list[str]) -> int:
             return await commit(self, writes)
 
         SqliteStore.commit = decisions_skipped  # type: ignore[method-assign]
+    if variant == "noship":
+        from oo_ml.domain.ports import InsertDecision
+        from oo_ml.stores.sqlite.scoring import SqliteStore
+
+        commit_all = SqliteStore.commit
+
+        async def empty_frames(self: SqliteStore, writes: Any) -> Any:
+            if self.writer is not None and all(isinstance(w, InsertDecision) for w in writes):
+                await self.writer.commit([])
+                return {}
+            return await commit_all(self, writes)
+
+        SqliteStore.commit = empty_frames  # type: ignore[method-assign]
     if variant in _ON_THE_THREAD:
         os.environ["OO_DECISION_WRITER"] = "thread"
     if variant == "nowrite":
@@ -121,26 +146,41 @@ def serve(variant: str, argv: list[str]) -> int:
     return main(["serve", *argv])
 
 
-def run(variants: list[str], rounds: int, seconds: float) -> None:
+_SPIN_PERIOD_S = 0.005
+
+
+def spin(duty: float) -> NoReturn:
+    """Keep a CPU busy for `duty` of every 5 ms, until killed."""
+    while True:
+        end = time.perf_counter() + _SPIN_PERIOD_S * duty
+        while time.perf_counter() < end:
+            pass
+        time.sleep(_SPIN_PERIOD_S * (1.0 - duty))
+
+
+def run(variants: list[str], rounds: int, seconds: float, spin_duty: float = 0.15) -> None:
     from bench import h2load
     from bench.transport import ECHO_METHOD, SERVICE, score_request, start, warm_oo_ml
 
     py = sys.executable
     servers = {}
     for v in variants:
-        if v == "echo":
+        piece, _, tree = v.removesuffix("+spin").partition("@")
+        if piece == "echo":
             servers[v] = start(v, "echo", [py, "-m", "bench.echo"])
         else:
-            args = [py, "-m", "bench.ablation", "--serve", v, "--port", "0"]
-            servers[v] = start(v, "oo-ml", [*args, "--policy", "egreedy-v2", "--no-ingest"])
+            env = {"PYTHONPATH": os.path.join(tree, "src")} if tree else None
+            args = [py, "-m", "bench.ablation", "--serve", piece, "--port", "0"]
+            servers[v] = start(v, "oo-ml", [*args, "--policy", "egreedy-v2", "--no-ingest"], env)
             warm_oo_ml(servers[v], range(2000), ["egreedy-v2"])
+
     binary = h2load.ensure_h2load()
     results: dict[str, list[tuple[float, float, float]]] = {v: [] for v in variants}
     try:
         for r in range(rounds):
             for v in variants:
                 s = servers[v]
-                method = ECHO_METHOD if v == "echo" else SERVICE + "Score"
+                method = ECHO_METHOD if v.startswith("echo") else SERVICE + "Score"
                 slots = [
                     [
                         h2load.Segment(
@@ -154,8 +194,18 @@ def run(variants: list[str], rounds: int, seconds: float) -> None:
                     ]
                     for c in range(4)
                 ]
+                spinner = None
+                if v.endswith("+spin"):
+                    spinner = subprocess.Popen(
+                        [py, "-m", "bench.ablation", "--spinner", str(spin_duty)]
+                    )
                 cpu0 = s.cpu_s()
-                out = h2load.run(slots, seconds, binary)
+                try:
+                    out = h2load.run(slots, seconds, binary)
+                finally:
+                    if spinner is not None:
+                        spinner.kill()
+                        spinner.wait()
                 s.check_alive()
                 ms = 1000 * (s.cpu_s() - cpu0) / max(1, out.ok_2xx)
                 cores = out.h2load_cpu_s / out.wall_s
@@ -181,17 +231,22 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--serve"]:
         return serve(argv[1], argv[2:])
+    if argv[:1] == ["--spinner"]:  # the `+spin` variants' busy process
+        spin(float(argv[1]))
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--variants", default="echo,full,nolog,const")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seconds", type=float, default=5.0)
+    ap.add_argument("--spin", type=float, default=0.15, help="+spin variants' spinner duty")
     ns = ap.parse_args(argv)
     variants = ns.variants.split(",")
-    unknown = set(variants) - set(VARIANTS)
+    unknown = {v.removesuffix("+spin").partition("@")[0] for v in variants} - set(VARIANTS)
     if unknown:
         ap.error(f"unknown variants {sorted(unknown)}; known: {', '.join(VARIANTS)}")
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    run(variants, ns.rounds, ns.seconds)
+    if not 0.0 < ns.spin < 1.0:
+        ap.error("--spin is a share of a CPU, in (0, 1)")
+    run(variants, ns.rounds, ns.seconds, ns.spin)
     return 0
 
 

@@ -74,3 +74,20 @@ def test_fastapi_peer_bandit_scores_and_learns() -> None:
     # A⁻¹ kept by Sherman–Morrison matches the inverse of λI + Σ x xᵀ.
     expected = np.linalg.inv(np.eye(12) + 5 * np.outer(x, x))
     assert np.allclose(model.a_inv[model.index["arm-7"]], expected)
+
+
+def test_ablation_variants_name_a_piece_a_tree_and_a_spinner(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """`bench.ablation` takes `piece[@tree][+spin]` and refuses unknown pieces and duties."""
+    from bench import ablation
+
+    seen = []
+    monkeypatch.setattr(ablation, "run", lambda *a: seen.append(a))
+    assert ablation.main(["--variants", "full@/tmp/old,full,noship+spin", "--spin", "0.2"]) == 0
+    assert seen == [(["full@/tmp/old", "full", "noship+spin"], 3, 5.0, 0.2)]
+    for bad in (
+        ["--variants", "fast"],
+        ["--variants", "nolog@/x+spin,spin"],
+        ["--spin", "1", "--variants", "full"],
+    ):
+        with pytest.raises(SystemExit):
+            ablation.main(bad)
