@@ -10,8 +10,11 @@ from dataclasses import replace
 import numpy as np
 import numpy.typing as npt
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from oo_ml.config import ScoringConfig
+from oo_ml.domain import policies
 from oo_ml.domain.policies import LinearThompson, build_policies, estimates, widths
 from oo_ml.domain.rng import rng_for
 from oo_ml.domain.state import (
@@ -177,3 +180,34 @@ def test_the_prior_keeps_its_coefficients_plausible(monkeypatch: pytest.MonkeyPa
     _run_policy(world, build_policies(scoring)["linucb"], scoring.ridge_lambda, None)
     assert len(seen) > 4 * 9  # the timer's 9 refreshes and those of the data's growth
     assert max(seen) < 2.0, max(seen)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.floats(-3, 3), st.floats(1e-3, 3)),
+        min_size=1,
+        max_size=10,
+    )
+)
+def test_thompson_propensities_on_one_shared_grid_equal_the_per_arm_integral(
+    arms: list[tuple[float, float]],
+) -> None:
+    """The shared grid (K x G CDFs) and the grid per arm (K x K x 801) compute the same
+    integral: they agree far within the 0.01 the logged propensities must meet, and widths
+    too far apart for the shared grid take the per-arm one."""
+    mean = np.array([m for m, _ in arms])
+    sd = np.array([s for _, s in arms])
+    shared = policies._thompson_propensities(mean, sd)
+    per_arm = policies._thompson_propensities_per_arm(mean, np.maximum(sd, 1e-9))
+    assert np.abs(shared - per_arm).max() < 1e-4
+    assert math.isclose(shared.sum(), 1.0)
+
+
+def test_thompson_propensities_with_a_certain_arm_take_the_per_arm_grid() -> None:
+    mean, sd = np.array([0.0, 0.1, -0.2]), np.array([0.5, 1e-12, 0.4])
+    props = policies._thompson_propensities(mean, sd)
+    np.testing.assert_allclose(
+        props, policies._thompson_propensities_per_arm(mean, np.maximum(sd, 1e-9)), atol=1e-12
+    )
+    assert props.argmax() == 1 and math.isclose(props.sum(), 1.0)
