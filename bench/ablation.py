@@ -169,7 +169,8 @@ def run(variants: list[str], rounds: int, seconds: float, spin_duty: float = 0.1
         if piece == "echo":
             servers[v] = start(v, "echo", [py, "-m", "bench.echo"])
         else:
-            env = {"PYTHONPATH": os.path.join(tree, "src")} if tree else None
+            # The server runs in the repository's root: a relative tree is the caller's.
+            env = {"PYTHONPATH": os.path.join(os.path.abspath(tree), "src")} if tree else None
             args = [py, "-m", "bench.ablation", "--serve", piece, "--port", "0"]
             servers[v] = start(v, "oo-ml", [*args, "--policy", "egreedy-v2", "--no-ingest"], env)
             warm_oo_ml(servers[v], range(2000), ["egreedy-v2"])

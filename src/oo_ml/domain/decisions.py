@@ -28,8 +28,8 @@ class LoggedCandidate(NamedTuple):
 def logged_candidates(
     rows: Iterable[tuple[str, str, float, float, str, str]],
 ) -> tuple[LoggedCandidate, ...]:
-    """LoggedCandidates from rows of their six fields, made by `tuple.__new__` in C (see
-    `engine.types.candidates_of`)."""
+    """LoggedCandidates from rows of all six of their fields, made by `tuple.__new__` in C
+    (no defaults, no check; see `engine.types.candidates_of`)."""
     return tuple(map(_TUPLE_NEW, repeat(LoggedCandidate), rows))
 
 

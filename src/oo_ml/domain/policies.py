@@ -136,7 +136,7 @@ def _selection(
         p_best = (1.0 - m) * p_best + m / k
         p_rest = (1.0 - m) * p_rest + m / k
         if rng.random() < m:
-            redrawn = rng.integers(k)
+            redrawn = int(rng.integers(k))
             explored = explored or redrawn != chosen
             chosen = redrawn
     props = [p_rest] * k
@@ -166,7 +166,7 @@ def _mixed(
         k = len(props)
         props = (1.0 - m) * props + m / k
         if rng.random() < m:
-            redrawn = rng.integers(k)
+            redrawn = int(rng.integers(k))
             explored = explored or redrawn != chosen
             chosen = redrawn
     return Selection(
@@ -190,7 +190,7 @@ class EpsilonGreedy:
         k, eps = len(scores), self.epsilon
         best = _greedy(scores)
         explore = rng.random() < eps
-        chosen = rng.integers(k) if explore else best[rng.integers(len(best))]
+        chosen = int(rng.integers(k)) if explore else best[int(rng.integers(len(best)))]
         p_rest = eps / k
         p_best = p_rest + (1.0 - eps) / len(best)
         return _selection(
@@ -222,7 +222,7 @@ class LinUCB:
         mean = theta @ x
         ucb = (mean + self.alpha * _NOISE_SCALE * sd * _widths(a_inv, x)).tolist()
         best = _greedy(ucb)
-        chosen = best[rng.integers(len(best))]
+        chosen = best[int(rng.integers(len(best)))]
         # The bonus, not the estimate, made the choice.
         explored = chosen not in _greedy(mean.tolist())
         return _selection(
@@ -276,9 +276,13 @@ def _thompson_propensities(
     # nil: no arm can be the largest there.
     lo = float((mean - 8.0 * sd).max())
     hi = float((mean + 8.0 * sd).max())
-    reaching = mean + 8.0 * sd > lo
-    step = float(sd[reaching].min()) / _TS_STEPS_PER_SD
-    points = math.ceil((hi - lo) / step) + 1
+    reaching = mean + 8.0 * sd >= lo
+    span = hi - lo
+    if not (math.isfinite(span) and span > 0.0 and reaching.any()):
+        # Non-finite means or widths, or widths below the means' resolution: the per-arm
+        # grid gives what it always gave.
+        return _thompson_propensities_per_arm(mean, sd)
+    points = math.ceil(span / (float(sd[reaching].min()) / _TS_STEPS_PER_SD)) + 1
     if points > _TS_SHARED_MAX:
         return _thompson_propensities_per_arm(mean, sd)
     t = np.linspace(lo, hi, points)

@@ -124,6 +124,13 @@ class ArmModel:
         )
 
 
+def _frozen(a: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    """`a`, read-only: `Stacked.of` hands out these arrays themselves, not copies, so a
+    caller that wrote into one would corrupt the cached state; now it raises instead."""
+    a.flags.writeable = False
+    return a
+
+
 _ROWS_KEPT = 8
 """Candidate lists whose rows a `Stacked` remembers (a user's candidates rarely change)."""
 
@@ -150,7 +157,7 @@ class Stacked:
         if self._reward_sd is None:
             p = (self.reward_sum + 1.0) / (self.rewarded + 2.0)
             # Rewards in [-1, 1] can put p outside [0, 1]: the variance is then taken as 0.
-            sd = np.sqrt(np.maximum(p * (1.0 - p), 0.0))
+            sd = _frozen(np.sqrt(np.maximum(p * (1.0 - p), 0.0)))
             object.__setattr__(self, "_reward_sd", sd)  # a cache on a frozen value
             return sd
         return self._reward_sd
@@ -205,10 +212,10 @@ class PolicyState:
                 b = np.zeros((0, self.dim))
             stacked = Stacked(
                 index={a: i for i, a in enumerate(names)},
-                theta=np.einsum("kij,kj->ki", a_inv, b),
-                a_inv=a_inv,
-                rewarded=np.array([m.rewarded for m in models], dtype=np.float64),
-                reward_sum=np.array([m.reward_sum for m in models], dtype=np.float64),
+                theta=_frozen(np.einsum("kij,kj->ki", a_inv, b)),
+                a_inv=_frozen(a_inv),
+                rewarded=_frozen(np.array([m.rewarded for m in models], dtype=np.float64)),
+                reward_sum=_frozen(np.array([m.reward_sum for m in models], dtype=np.float64)),
             )
             object.__setattr__(self, "_stacked", stacked)  # a cache on a frozen value
             return stacked

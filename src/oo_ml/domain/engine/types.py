@@ -30,7 +30,7 @@ class Candidate(NamedTuple):
 def candidates_of(rows: Iterable[tuple[str, str, str, str]]) -> tuple[Candidate, ...]:
     """Candidates from (tip_id, arm, generation_id, prompt_version) rows, made by
     `tuple.__new__` in C: a NamedTuple's own constructor is a Python function, one call per
-    candidate on every Score."""
+    candidate on every Score. Each row must hold all four fields (no defaults, no check)."""
     return tuple(map(_TUPLE_NEW, repeat(Candidate), rows))
 
 
