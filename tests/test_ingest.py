@@ -25,6 +25,7 @@ from oo_ml.domain.features import Inputs, Origin
 from oo_ml.edge.service import feature_values
 from oo_ml.errors import IncompatibleStream, TransientStoreError
 from oo_ml.ingest import dead_letters as dlq
+from oo_ml.ingest import runner
 from oo_ml.ingest.nats_server import LocalNatsServer
 from oo_ml.ingest.runner import HEALTH_SERVICE, Engine, Ingest, IngestTuning
 from oo_ml.schema.contracts import ALL_FEATURES
@@ -504,6 +505,44 @@ async def test_it_starts_without_nats_and_connects_when_nats_appears(
     finally:
         await h.ingest.stop()
         late.kill()
+
+
+async def test_a_setup_that_fails_after_start_returned_is_retried_not_fatal(
+    harness_factory: HarnessFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A slow cluster: stream setup outlasts `connect_wait_s` (start() returns, the server
+    serves Score), then times out twice. Ingest must try again, not end (and with it the
+    process, which a replica's test once saw as a refused connection)."""
+    real = runner.ensure_topology
+    calls = 0
+
+    async def slow_then_failing(js: object, settings: object) -> object:
+        nonlocal calls
+        calls += 1
+        if calls <= 2:
+            await asyncio.sleep(0.5)
+            raise TimeoutError("nats: timeout")
+        return await real(js, settings)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(runner, "ensure_topology", slow_then_failing)
+    quick = IngestTuning(fetch_timeout_s=0.2, nak_delay_s=0.05, connect_wait_s=0.3)
+    h = await harness_factory(tuning=quick)
+    assert await h.health_status() == health_pb2.HealthCheckResponse.NOT_SERVING
+
+    async def serving() -> None:
+        main = h.ingest._main
+        assert main is not None
+        assert not (main.done() and main.exception() is not None), main.exception()
+        assert await h.health_status() == health_pb2.HealthCheckResponse.SERVING
+
+    await assert_eventually(serving, 15)
+    assert calls == 3
+    await h.decide()
+
+    async def applied() -> None:
+        assert h.ingest.counters.applied == 1  # the serve signal of that decision
+
+    await assert_eventually(applied, 10)
 
 
 async def test_stop_settles_everything_it_fetched(harness: Harness) -> None:

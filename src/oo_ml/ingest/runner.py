@@ -314,7 +314,12 @@ class Ingest:
         await self._show_health()
 
     async def _first_setup(self) -> Topology | None:
-        """The topology; None if stop() came while an incompatible stream held us back."""
+        """The topology; None if stop() came first. While start() waits, a failure fails
+        start-up with its reason. Once start() has returned (setup outlasted
+        `connect_wait_s`, and the server is serving Score), a failure must not end the
+        process: an incompatible stream is checked again every 30 s, anything else (a
+        slow or electing cluster's API timeouts) after a pause that doubles up to 30 s."""
+        pause = 1.0
         while not self._stop.is_set():
             try:
                 return await self._setup()
@@ -323,8 +328,15 @@ class Ingest:
                     raise  # start() is waiting: fail start-up with the reason
                 self._count_error()
                 log.error("ingest cannot start: %s (checking again in 30 s)", e)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stop.wait(), timeout=30.0)
+                wait = 30.0
+            except Exception as e:
+                if not self._started:
+                    raise
+                self._count_error()
+                log.warning("ingest setup failed: %s (trying again in %.0f s)", e, pause)
+                wait, pause = pause, min(2 * pause, 30.0)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), timeout=wait)
         return None
 
     async def _setup(self) -> Topology:
