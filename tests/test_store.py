@@ -280,3 +280,28 @@ async def test_decisions_are_inserted_within_an_old_sqlites_parameter_limit(
         assert conn.execute("SELECT n FROM pulls WHERE user_id = 'u'").fetchone()[0] == 1100
     finally:
         conn.close()
+
+
+async def test_the_decision_log_keeps_only_the_indexes_its_queries_use(tmp_path: Path) -> None:
+    """Every index on `decisions` is written at every group commit. (policy, chosen_arm)
+    was dropped (ADR 0028): a scan answers server-wide Stats faster than it did. A file
+    made before that loses it when opened."""
+    path = tmp_path / "oo-ml.db"
+    old = sqlite3.connect(path)
+    old.executescript(scoring.MIGRATIONS[0])  # the first schema, which made the index
+    old.execute("PRAGMA user_version=1")
+    old.close()
+    store = SqliteStore.open(path)
+    try:
+        names = await store.db.read(
+            lambda conn: {
+                r[0]
+                for r in conn.execute(
+                    "SELECT name FROM sqlite_master WHERE type = 'index'"
+                    " AND tbl_name = 'decisions' AND name NOT LIKE 'sqlite_autoindex%'"
+                )
+            }
+        )
+        assert names == {"decisions_user", "decisions_pending", "decisions_rewarded"}
+    finally:
+        await store.close()
