@@ -139,9 +139,12 @@ def _selection(
             redrawn = int(rng.integers(k))
             explored = explored or redrawn != chosen
             chosen = redrawn
-    props = [p_rest] * k
-    for i in best:  # the ties: one index, mostly
-        props[i] = p_best
+    if len(best) == k:  # all tied (a new user, no prior)
+        props = [p_best] * k
+    else:
+        props = [p_rest] * k
+        for i in best:  # the top, and the rare near-ties
+            props[i] = p_best
     return Selection(
         chosen=chosen, scores=tuple(scores), propensities=tuple(props), explored=explored
     )
