@@ -912,7 +912,6 @@ class Bench:
                 "decisions",
                 "sqlite_autoindex_decisions_1",
                 "decisions_user",
-                "decisions_policy",
                 "decisions_pending",
                 "decision_shadows",
             )
