@@ -94,8 +94,9 @@ def noise_sd(state: PolicyState, arms: Sequence[str]) -> npt.NDArray[np.float64]
 # Choosing among ten candidates is cheap arithmetic, but every NumPy call on a small array
 # costs microseconds of dispatch, several times more between requests (cold caches) than
 # in a benchmark loop. So the choice works on the scores as a Python list with C builtins
-# (max, sorted, index: no loop over arms in Python), and the propensities of a policy
-# with two levels (the greedy set and the rest) are written as two numbers.
+# (sum, sorted, index: no loop over arms in Python, only over near-ties), and the
+# propensities of a policy with two levels (the greedy set and the rest) are written as
+# two numbers. ADR 0028.
 
 
 def _greedy_array(scores: npt.NDArray[np.float64]) -> tuple[int, ...]:
