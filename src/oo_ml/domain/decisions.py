@@ -7,10 +7,8 @@ store columns so it can be set exactly once by a conditional update.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass, field
-from itertools import repeat
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 from oo_ml.domain.features import Vector
 
@@ -23,17 +21,6 @@ class LoggedCandidate(NamedTuple):
     propensity: float
     generation_id: str = ""
     prompt_version: str = ""
-
-
-def logged_candidates(
-    rows: Iterable[tuple[str, str, float, float, str, str]],
-) -> tuple[LoggedCandidate, ...]:
-    """LoggedCandidates from rows of all six of their fields, made by `tuple.__new__` in C
-    (no defaults, no check; see `engine.types.candidates_of`)."""
-    return tuple(map(_TUPLE_NEW, repeat(LoggedCandidate), rows))
-
-
-_TUPLE_NEW: Any = tuple.__new__
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Callable, Mapping
 import grpc
 
 from oo.scoring.v1 import scoring_pb2, scoring_pb2_grpc
-from oo_ml.domain.engine import ScoreCommand, ScoringEngine, StatsReport, candidates_of
+from oo_ml.domain.engine import Candidate, ScoreCommand, ScoringEngine, StatsReport
 from oo_ml.domain.features import Assembled, Inputs, Origin
 from oo_ml.domain.ports import GenerationRecord
 from oo_ml.generate.generator import Generation, Generator
@@ -166,11 +166,9 @@ class ScoringService(scoring_pb2_grpc.ScoringServiceServicer):
         validate(request, self._limits)
         cmd = ScoreCommand(
             user_id=request.user_id,
-            candidates=candidates_of(
-                [
-                    (c.tip_id, c.arm or c.tip_id, c.generation_id, c.prompt_version)
-                    for c in request.candidates
-                ]
+            candidates=tuple(
+                Candidate(c.tip_id, c.arm or c.tip_id, c.generation_id, c.prompt_version)
+                for c in request.candidates
             ),
             inputs=inputs_of(request.context, request.profile_features),
             policy=request.policy,

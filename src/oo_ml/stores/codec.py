@@ -266,15 +266,13 @@ _PROPENSITY: Callable[[LoggedCandidate], float] = operator.itemgetter(3)
 _CANDIDATE_BYTES_MAX = 20_000
 
 
-def _text(key: bytes, text: str) -> bytes:
-    if not text:
-        return b""  # proto3 writes no empty string
-    raw = text.encode()
-    return key + varint(len(raw)) + raw
-
-
 def _run(key: bytes, raw: bytes) -> bytes:
+    """A length-delimited field; proto3 writes none for empty bytes or an empty string."""
     return key + varint(len(raw)) + raw if raw else b""
+
+
+def _text(key: bytes, text: str) -> bytes:
+    return _run(key, text.encode())
 
 
 # (tip_id, arm, generation_id, prompt_version) of a LoggedCandidate, taken in C.

@@ -20,7 +20,6 @@ from oo_ml.domain.engine.types import (
     ScoreCommand,
     ScoreResult,
     StatsReport,
-    candidates_of,
 )
 
 __all__ = [
@@ -34,5 +33,4 @@ __all__ = [
     "ScoreResult",
     "ScoringEngine",
     "StatsReport",
-    "candidates_of",
 ]

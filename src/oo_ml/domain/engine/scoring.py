@@ -26,7 +26,7 @@ from collections.abc import Callable
 
 from oo_ml.config import ScoringConfig
 from oo_ml.domain.contracts import Contracts
-from oo_ml.domain.decisions import DecisionRecord, LoggedCandidate, logged_candidates
+from oo_ml.domain.decisions import DecisionRecord, LoggedCandidate
 from oo_ml.domain.engine.decision_log import DecisionLog
 from oo_ml.domain.engine.locks import KeyedLocks
 from oo_ml.domain.engine.models import Models, fit
@@ -79,18 +79,6 @@ _STORE_SETTLE_S = 12.0
 # NOT_FOUND: the worker or replica that made it may still be retrying its flush (a flush
 # gives up on lost acks after 5 s and backs off up to 5 s between attempts).
 _IN_FLIGHT_S = 30.0
-
-
-def _logged(
-    candidates: tuple[Candidate, ...], scores: tuple[float, ...], propensities: tuple[float, ...]
-) -> tuple[LoggedCandidate, ...]:
-    """The candidates with the policy's scores and propensities, column by column (zip and
-    map in C: no Python call per candidate)."""
-    if not candidates:
-        return ()
-    tips, arms, generations, versions = zip(*candidates, strict=True)
-    rows = zip(tips, arms, scores, propensities, generations, versions, strict=True)
-    return logged_candidates(rows)
 
 
 class ScoringEngine:
@@ -195,7 +183,17 @@ class ScoringEngine:
             policy=policy.name,
             feature_version=policy.feature_version,
             x=x,
-            candidates=_logged(candidates, sel.scores, sel.propensities),
+            candidates=tuple(
+                LoggedCandidate(
+                    c.tip_id,
+                    c.arm,
+                    sel.scores[i],
+                    sel.propensities[i],
+                    c.generation_id,
+                    c.prompt_version,
+                )
+                for i, c in enumerate(candidates)
+            ),
             chosen_index=sel.chosen,
             explored=sel.explored,
             created_at=now,

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
-from itertools import repeat
 from operator import attrgetter
-from typing import Any, NamedTuple, Protocol
+from typing import NamedTuple, Protocol
 
 from oo_ml.domain.decisions import DecisionRecord, LoggedCandidate
 from oo_ml.domain.features import Assembled, Inputs
@@ -25,16 +23,6 @@ class Candidate(NamedTuple):
     arm: str
     generation_id: str = ""
     prompt_version: str = ""
-
-
-def candidates_of(rows: Iterable[tuple[str, str, str, str]]) -> tuple[Candidate, ...]:
-    """Candidates from (tip_id, arm, generation_id, prompt_version) rows, made by
-    `tuple.__new__` in C: a NamedTuple's own constructor is a Python function, one call per
-    candidate on every Score. Each row must hold all four fields (no defaults, no check)."""
-    return tuple(map(_TUPLE_NEW, repeat(Candidate), rows))
-
-
-_TUPLE_NEW: Any = tuple.__new__
 
 
 @dataclass(frozen=True, slots=True)
