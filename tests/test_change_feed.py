@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import subprocess
+import sys
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +23,7 @@ from oo_ml.domain.ports import EVERY_POLICY, EVERY_USER, PROFILE, Change, PutSta
 from oo_ml.domain.state import empty_state
 from oo_ml.schema.contracts import ALL_FEATURES
 from oo_ml.stores.codec import encode_state
+from oo_ml.stores.sqlite import change_probe
 from oo_ml.stores.sqlite.changes import SqliteChangeFeed
 from oo_ml.stores.sqlite.profiles import SqliteProfileStore
 from oo_ml.stores.sqlite.scoring import SqliteStore
@@ -161,3 +166,96 @@ async def test_a_write_through_does_not_put_back_a_model_a_newer_write_replaced(
     assert state.arms[first.chosen.arm].rewarded >= 1
     for e in (ea, eb):
         await e.close()
+
+
+# The probe child (`change_probe`): the tests below set the feed's periodic full read to an
+# hour, so whatever arrives within seconds was woken by the probe.
+NO_FULL_READ = 3600.0
+
+
+async def test_the_probe_wakes_the_follower_for_another_stores_write(
+    two: tuple[SqliteStore, SqliteStore],
+) -> None:
+    a, b = two
+    async with Follower(SqliteChangeFeed(b.db, full_read_s=NO_FULL_READ)) as follower:
+        await assert_eventually(_started(follower.feed), within=10)
+        await a.commit([PutState("ann", "egreedy", 0, STATE)])
+
+        async def arrived() -> None:
+            assert follower.seen == [Change("ann", "egreedy", 1)]
+
+        await assert_eventually(arrived, within=5)
+        probe = follower.feed.probe
+        assert probe is not None and probe.wakes >= 1
+
+
+async def test_the_probe_does_not_wake_the_follower_for_its_own_writes(
+    two: tuple[SqliteStore, SqliteStore],
+) -> None:
+    """A process's own rows (its caches took them by write-through) move the head at
+    every commit under Reward load; the probe must not wake the loop for them."""
+    a, b = two
+    async with Follower(SqliteChangeFeed(b.db, full_read_s=NO_FULL_READ)) as follower:
+        await assert_eventually(_started(follower.feed), within=10)
+        probe = follower.feed.probe
+        assert probe is not None
+        for i in range(20):
+            await b.commit([PutState(f"mine-{i}", "egreedy", 0, STATE)])
+        await asyncio.sleep(10 * follower.feed.poll_s)  # ten polls, at least
+        assert probe.wakes == 0
+        await a.commit([PutState("ann", "egreedy", 0, STATE)])
+
+        async def woken() -> None:
+            assert probe.wakes >= 1
+            assert follower.seen == [Change("ann", "egreedy", 1)]
+
+        await assert_eventually(woken, within=5)
+
+
+async def test_a_probe_that_dies_is_replaced_and_one_that_stops_ends(
+    two: tuple[SqliteStore, SqliteStore],
+) -> None:
+    a, b = two
+    async with Follower(SqliteChangeFeed(b.db, full_read_s=NO_FULL_READ)) as follower:
+        await assert_eventually(_started(follower.feed), within=10)
+        probe = follower.feed.probe
+        assert probe is not None and probe.pid is not None
+        first = probe.pid
+        os.kill(first, signal.SIGKILL)
+
+        async def replaced() -> None:
+            assert probe.starts == 2 and probe.pid not in (None, first)
+
+        await assert_eventually(replaced, within=10)
+        await a.commit([PutState("ann", "egreedy", 0, STATE)])
+
+        async def arrived() -> None:
+            assert Change("ann", "egreedy", 1) in follower.seen
+
+        await assert_eventually(arrived, within=5)
+        second = probe.pid
+    assert second is not None
+    with pytest.raises(ProcessLookupError):
+        os.kill(second, 0)  # reaped: gone with the follower
+
+
+def test_a_probe_that_cannot_read_the_file_says_so_and_ends_with_its_input(
+    tmp_path: Path,
+) -> None:
+    missing = str(tmp_path / "no" / "x.db")
+    with subprocess.Popen(
+        [sys.executable, "-I", change_probe.__file__, missing, "0.01", "1", "0"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    ) as child:
+        assert child.stdout is not None and child.stdin is not None
+        assert child.stdout.read(1) == change_probe.UNREADABLE
+        child.stdin.close()
+        assert child.wait(timeout=10) == 0
+
+
+def _started(feed: SqliteChangeFeed) -> Callable[[], Awaitable[None]]:
+    async def check() -> None:
+        assert feed.probe is not None and feed.probe.pid is not None
+
+    return check

@@ -62,6 +62,13 @@ def children(pid: int) -> list[int]:
         return [int(c) for c in f.read().split()]
 
 
+def script(pid: int) -> str:
+    """The file name of the script a Python child runs (`python -I <script> ...`)."""
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        args = f.read().split(b"\0")
+    return os.path.basename(args[2].decode())
+
+
 async def test_decision_batches_go_to_a_child_process(tmp_path: Path) -> None:
     store = SqliteStore.open(tmp_path / "s.db", decision_writer="process")
     try:
@@ -247,11 +254,12 @@ async def test_serve_logs_decisions_through_the_child(server_factory: ServerFact
     assert store.writer.starts == 1 and store.writer.pid is not None
 
 
-async def test_a_crashed_server_leaves_no_writer_process_behind(
+async def test_a_crashed_server_leaves_no_writer_or_probe_process_behind(
     tmp_path: Path, clean_env: dict[str, str]
 ) -> None:
-    """kill -9 of `oo-ml serve`: its child sees the pipe close and ends (after the batch
-    it holds, if any), so nothing is left writing to the file."""
+    """kill -9 of `oo-ml serve`: its children (the decision writer, the change feed's
+    probe) see their pipes close and end (the writer after the batch it holds, if any), so
+    nothing is left writing to the file or reading it."""
     server = ServerProcess(
         [oo_ml_bin(), "serve", "--port", "0", "--data-dir", str(tmp_path), "--no-ingest"],
         clean_env,
@@ -266,11 +274,18 @@ async def test_a_crashed_server_leaves_no_writer_process_behind(
                     )
                 )
             await stub.Stats(pb.StatsRequest())  # a flush: the child has started
-        (child,) = children(server.proc.pid)
-        assert alive(child)
+        kids: dict[str, int] = {}
+
+        async def both_running() -> None:
+            kids.update({script(pid): pid for pid in children(server.proc.pid)})
+            assert set(kids) == {"decision_writer.py", "change_probe.py"}
+            assert all(alive(pid) for pid in kids.values())
+
+        await assert_eventually(both_running, within=10)
         server.proc.send_signal(signal.SIGKILL)
         server.proc.wait(timeout=10)
-        await assert_eventually(lambda: _gone(child), within=10)
+        for pid in kids.values():
+            await assert_eventually(lambda pid=pid: _gone(pid), within=10)
     finally:
         server.kill()
 

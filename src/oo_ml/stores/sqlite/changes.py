@@ -13,9 +13,9 @@ held the largest ones were pruned: a follower that remembers "seen up to 1234" c
 mistake a new row for one it saw. `origin` is the writing `SqliteDB`'s random id, so a
 follower skips its own writes (its caches took them already, by write-through).
 
-`SqliteChangeFeed.follow` has a thread look at the head of the sequence every `POLL_S` (a
-few µs on a connection of its own) and, when it moved, reads `WHERE seq > last` on the
-store's reader thread (which never waits behind a commit), handing each batch to `apply`.
+`SqliteChangeFeed.follow` has a child process (`change_probe`) look at the head of the
+sequence every `POLL_S` (a few µs on a connection of its own) and, when another origin's
+rows arrived, reads `WHERE seq > last` on the store's reader thread (which never waits behind a commit), handing each batch to `apply`.
 The table is read every `FULL_READ_S` anyway, whatever the probe says. `prune`, run by
 upkeep, deletes rows older than about `RETENTION_S` and records the highest seq deleted in
 `change_horizon`; a follower whose `last` is below it lost rows it never saw (it was
@@ -29,7 +29,6 @@ import collections
 import contextlib
 import logging
 import sqlite3
-import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import TypeVar
@@ -37,6 +36,7 @@ from typing import TypeVar
 from oo_ml.domain.ports import EVERY_POLICY, EVERY_USER, Change
 from oo_ml.errors import TransientStoreError
 from oo_ml.stores.sqlite import decision_writer as dw
+from oo_ml.stores.sqlite.change_probe import ProbeProcess
 from oo_ml.stores.sqlite.db import SqliteDB
 
 log = logging.getLogger(__name__)
@@ -97,61 +97,6 @@ def _read(conn: sqlite3.Connection, after: int) -> tuple[int, list[tuple[int, st
     return (int(horizon[0]) if horizon else 0), rows
 
 
-def _set(loop: asyncio.AbstractEventLoop, event: asyncio.Event) -> None:
-    with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
-        loop.call_soon_threadsafe(event.set)
-
-
-def _head(conn: sqlite3.Connection) -> tuple[int, int]:
-    row = conn.execute(
-        "SELECT (SELECT max(seq) FROM changes),"
-        " (SELECT pruned_through FROM change_horizon WHERE id = 0)"
-    ).fetchone()
-    return int(row[0] or 0), int(row[1] or 0)
-
-
-class _Probe(threading.Thread):
-    """Looks at the head of the sequence every `poll_s` on a connection of its own and
-    calls `wake` when it moved. A thread, not a timer on the event loop: a loop wake-up
-    costs the server about 85 µs of CPU (grpc's poller included), so 100 polls a second
-    cost an idle server 1% of a core; this thread about half that (the sleep's timer wake
-    is most of it), and under load it wakes the loop only when the sequence moved."""
-
-    def __init__(self, path: str, poll_s: float, start: int, wake: Callable[[], None]) -> None:
-        super().__init__(name="oo-sqlite-changes", daemon=True)
-        self.path = path
-        self.poll_s = poll_s
-        self.wake = wake
-        self._head = (start, 0)
-        self._stop_event = threading.Event()
-
-    def stop(self) -> None:
-        self._stop_event.set()
-
-    def run(self) -> None:
-        conn: sqlite3.Connection | None = None
-        try:
-            while not self._stop_event.is_set():
-                time.sleep(self.poll_s)  # cheaper than Event.wait(timeout): a stop waits a poll
-                try:
-                    if conn is None:
-                        conn = sqlite3.connect(self.path, isolation_level=None)
-                        conn.execute("PRAGMA query_only=ON")
-                        conn.execute("PRAGMA busy_timeout=100")
-                    head = _head(conn)
-                except sqlite3.Error:
-                    # The feed's own read reports and retries; wake it, less often.
-                    self.wake()
-                    self._stop_event.wait(1.0)
-                    continue
-                if head != self._head:
-                    self._head = head
-                    self.wake()
-        finally:
-            if conn is not None:
-                conn.close()
-
-
 def _last_seq(conn: sqlite3.Connection) -> int:
     row = conn.execute("SELECT max(seq) FROM changes").fetchone()
     horizon = conn.execute("SELECT pruned_through FROM change_horizon WHERE id = 0").fetchone()
@@ -162,10 +107,16 @@ class SqliteChangeFeed:
     """The `ChangeFeed` port over one SQLite file's `changes` table."""
 
     def __init__(
-        self, db: SqliteDB, *, poll_s: float = POLL_S, retention_s: float = RETENTION_S
+        self,
+        db: SqliteDB,
+        *,
+        poll_s: float = POLL_S,
+        retention_s: float = RETENTION_S,
+        full_read_s: float = FULL_READ_S,
     ) -> None:
         self.db = db
         self.poll_s = poll_s
+        self.full_read_s = full_read_s
         self.retention_s = retention_s
         self.seen = 0
         """Changes by other writers handed to `apply` (our own are skipped)."""
@@ -179,6 +130,8 @@ class SqliteChangeFeed:
         # (monotonic time, highest seq then): what `prune` may delete once it is old.
         self._marks: collections.deque[tuple[float, int]] = collections.deque()
         self._last_error_log = -1e9
+        self.probe: ProbeProcess | None = None
+        """The child that watches the head while `follow` runs (none for ":memory:")."""
 
     async def follow(self, apply: Callable[[Sequence[Change]], None], stop: asyncio.Event) -> None:
         """Hand every change other writers make to `apply`, until `stop`: from
@@ -188,12 +141,14 @@ class SqliteChangeFeed:
             if start is None:
                 return
             self.last, self._positioned = start, True
-        loop = asyncio.get_running_loop()
         wake = asyncio.Event()
         probe = None
         if self.db.path != ":memory:":  # private to its connection: nobody else writes it
-            probe = _Probe(self.db.path, self.poll_s, self.last, lambda: _set(loop, wake))
+            probe = ProbeProcess(
+                self.db.path, self.poll_s, self.db.origin, wake.set, lambda: self.last
+            )
             probe.start()
+        self.probe = probe
         stopping = asyncio.create_task(stop.wait())
         try:
             while not stop.is_set():
@@ -202,15 +157,16 @@ class SqliteChangeFeed:
                 # Until the probe sees a new row (or a prune), or FULL_READ_S passes.
                 woken = asyncio.create_task(wake.wait())
                 await asyncio.wait(
-                    {woken, stopping}, timeout=FULL_READ_S, return_when=asyncio.FIRST_COMPLETED
+                    {woken, stopping},
+                    timeout=self.full_read_s,
+                    return_when=asyncio.FIRST_COMPLETED,
                 )
                 woken.cancel()
                 wake.clear()  # before the read: a row committed after it wakes us again
         finally:
             stopping.cancel()
             if probe is not None:
-                probe.stop()
-                await asyncio.to_thread(probe.join)
+                await probe.stop()
 
     async def _poll(self, apply: Callable[[Sequence[Change]], None], stop: asyncio.Event) -> bool:
         """Read and apply what is new, all of it; False when stopped meanwhile."""
