@@ -911,7 +911,7 @@ class Bench:
             tables = (
                 "decisions",
                 "sqlite_autoindex_decisions_1",
-                "decisions_user",
+                "decisions_user_arm",
                 "decisions_pending",
                 "decision_shadows",
             )

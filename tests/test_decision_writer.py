@@ -36,11 +36,15 @@ def decision(i: int, arm: str = "a") -> InsertDecision:
 
 
 def rows(path: Path) -> tuple[int, dict[str, int]]:
-    """(decisions in the file, pulls by arm), read by a connection of the test's own."""
+    """(decisions in the file, user u's by arm), read by a connection of the test's own."""
     conn = sqlite3.connect(path)
     try:
         n = conn.execute("SELECT count(*) FROM decisions").fetchone()[0]
-        pulls = dict(conn.execute("SELECT arm, n FROM pulls WHERE user_id = 'u'").fetchall())
+        pulls = dict(
+            conn.execute(
+                "SELECT chosen_arm, count(*) FROM decisions WHERE user_id = 'u' GROUP BY 1"
+            ).fetchall()
+        )
         return int(n), pulls
     finally:
         conn.close()
@@ -301,15 +305,11 @@ def test_a_failed_commit_leaves_no_transaction_open(tmp_path: Path) -> None:
         " created_at REAL, chosen_arm TEXT, prompt_version TEXT, data BLOB,"
         " FOREIGN KEY (user_id) REFERENCES users (id) DEFERRABLE INITIALLY DEFERRED)"
     )
-    conn.execute(
-        "CREATE TABLE pulls (user_id TEXT, policy TEXT, arm TEXT, n INTEGER,"
-        " PRIMARY KEY (user_id, policy, arm))"
-    )
     row = ("d1", "u", "p", 1.0, "a", "", b"x")
     kind, reason = decision_writer._commit(conn, [("decisions", [row])])
     assert (kind, "FOREIGN KEY" in reason) == ("refused", True)
     assert not conn.in_transaction
     conn.execute("INSERT INTO users VALUES ('u')")
     assert decision_writer._commit(conn, [("decisions", [row])]) == ("ok", [])
-    assert conn.execute("SELECT n FROM pulls").fetchone() == (1,)
+    assert conn.execute("SELECT count(*) FROM decisions").fetchone() == (1,)
     conn.close()

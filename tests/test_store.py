@@ -63,7 +63,7 @@ async def test_concurrent_cas_lets_exactly_one_writer_win(state_store: StateStor
     assert sum(w is not None for w in wins) == 1
 
 
-def decision(i: int) -> InsertDecision:
+def decision(i: int, arm: str = "arm") -> InsertDecision:
     return InsertDecision(
         DecisionRecord(
             decision_id=f"d{i}",
@@ -71,7 +71,7 @@ def decision(i: int) -> InsertDecision:
             policy="p",
             feature_version="v1",
             x=np.ones(7),
-            candidates=(LoggedCandidate("t", "arm", 0.5, 1.0),),
+            candidates=(LoggedCandidate("t", arm, 0.5, 1.0),),
             chosen_index=0,
             explored=False,
             created_at=100.0 + i,
@@ -277,15 +277,18 @@ async def test_decisions_are_inserted_within_an_old_sqlites_parameter_limit(
         decision_writer.insert_decisions(conn, rows)
         conn.execute("COMMIT")
         assert conn.execute("SELECT count(*) FROM decisions").fetchone()[0] == 1100
-        assert conn.execute("SELECT n FROM pulls WHERE user_id = 'u'").fetchone()[0] == 1100
+        assert (
+            conn.execute("SELECT count(*) FROM decisions WHERE user_id = 'u'").fetchone()[0] == 1100
+        )
     finally:
         conn.close()
 
 
 async def test_the_decision_log_keeps_only_the_indexes_its_queries_use(tmp_path: Path) -> None:
     """Every index on `decisions` is written at every group commit. (policy, chosen_arm)
-    was dropped (ADR 0028): a scan answers server-wide Stats faster than it did. A file
-    made before that loses it when opened."""
+    was dropped (ADR 0028): a scan answers server-wide Stats faster than it did; (user_id,
+    policy) gained the chosen arm and replaced the `pulls` table (ADR 0030). A file made
+    before either loses them when opened."""
     path = tmp_path / "oo-ml.db"
     old = sqlite3.connect(path)
     old.executescript(scoring.MIGRATIONS[0])  # the first schema, which made the index
@@ -302,6 +305,73 @@ async def test_the_decision_log_keeps_only_the_indexes_its_queries_use(tmp_path:
                 )
             }
         )
-        assert names == {"decisions_user", "decisions_pending", "decisions_rewarded"}
+        assert names == {"decisions_user_arm", "decisions_pending", "decisions_rewarded"}
+    finally:
+        await store.close()
+
+
+async def test_pulls_outlive_the_decisions_that_leave_the_log(sqlite_store: SqliteStore) -> None:
+    """Pulls are counted from the log plus `pull_offsets` (ADR 0030): pruning and setting
+    aside keep a user's pulls, a reset zeroes them though its rewarded decisions stay."""
+    store = sqlite_store
+    await store.commit([decision(i, arm="ab"[i % 2]) for i in range(1, 9)])
+    for i, at in ((1, 100.0), (2, 110.0), (3, 120.0), (4, 130.0)):
+        await store.commit([MarkRewarded(f"d{i}", 1.0, at, "explicit")])
+    assert await store.pulls("u", "p") == {"a": 4, "b": 4}
+    assert await store.prune_decisions(rewarded_before=105.0) == 1  # d1
+    assert await store.prune_oldest_rewarded(1) == 1  # d2
+    await store.set_aside("d5", "unreadable")
+    assert await store.get_decision("d5") is None
+    assert await store.pulls("u", "p") == {"a": 4, "b": 4}
+
+    # A reset keeps d3 and d4 (rewarded) but starts the pulls from zero.
+    await store.reset_user("u")
+    assert await store.get_decision("d3") is not None
+    assert await store.pulls("u", "p") == {}
+    await store.commit([decision(9, arm="a")])
+    assert await store.pulls("u", "p") == {"a": 1}
+    # ... and the kept decisions leaving the log later does not bring theirs back.
+    assert await store.prune_decisions(rewarded_before=1000.0) == 2
+    assert await store.pulls("u", "p") == {"a": 1}
+
+
+async def test_a_file_with_a_pulls_table_keeps_every_users_pulls(tmp_path: Path) -> None:
+    """The migration to `pull_offsets` (ADR 0030) on a file whose `pulls` held more than
+    the log (decisions pruned) and less (rewarded decisions a reset kept)."""
+    path = tmp_path / "oo-ml.db"
+    old = sqlite3.connect(path, isolation_level=None)
+    for migration in scoring.MIGRATIONS[:-1]:
+        old.executescript(migration)
+    old.execute(f"PRAGMA user_version={len(scoring.MIGRATIONS) - 1}")
+    logged = [  # (id, user, arm, rewarded at)
+        ("u1", "u", "a", None),
+        ("u2", "u", "a", 150.0),
+        ("u3", "u", "b", None),
+        ("v1", "v", "b", 50.0),  # before v's reset
+        ("v2", "v", "b", 60.0),  # before v's reset
+        ("v3", "v", "b", None),
+    ]
+    old.executemany(
+        "INSERT INTO decisions (decision_id, user_id, policy, created_at, chosen_arm,"
+        " reward, rewarded_at, data) VALUES (?, ?, 'p', 1.0, ?, ?, ?, x'00')",
+        [(d, u, a, None if at is None else 1.0, at) for d, u, a, at in logged],
+    )
+    # u: 3 more pulls of a whose decisions were pruned; v: one pull since its reset.
+    old.executemany(
+        "INSERT INTO pulls (user_id, policy, arm, n) VALUES (?, 'p', ?, ?)",
+        [("u", "a", 5), ("u", "b", 1), ("v", "b", 1)],
+    )
+    old.close()
+    store = SqliteStore.open(path)
+    try:
+        assert await store.pulls("u", "p") == {"a": 5, "b": 1}
+        assert await store.pulls("v", "p") == {"b": 1}
+        assert await store.prune_decisions(rewarded_before=1000.0) == 3
+        assert await store.pulls("u", "p") == {"a": 5, "b": 1}
+        assert await store.pulls("v", "p") == {"b": 1}
+        tables = await store.db.read(
+            lambda conn: {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
+        )
+        assert "pulls" not in tables and "pull_offsets" in tables
     finally:
         await store.close()

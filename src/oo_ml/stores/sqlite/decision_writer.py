@@ -30,10 +30,9 @@ fails (a compare-and-set lost, a decision rewarded already) is rolled back alone
 answered ("conflict", reason); the others commit together, one fsync for all, and are
 answered ("ok", revisions) before any caller hears.
 
-Inserts are idempotent: a decision already in the file is skipped, its pull with it, so
-a batch retried after the child died between its commit and its reply lands once. The
-child ends at end of input (its parent closed the pipe, or died) after the batch it is
-committing.
+Inserts are idempotent: a decision already in the file is skipped, so a batch retried
+after the child died between its commit and its reply lands once. The child ends at end
+of input (its parent closed the pipe, or died) after the batch it is committing.
 """
 
 from __future__ import annotations
@@ -125,21 +124,19 @@ def _present(conn: sqlite3.Connection, ids: list[str]) -> set[str]:
 
 
 def insert_decisions(conn: sqlite3.Connection, run: Sequence[DecisionRow]) -> None:
-    """The decisions' rows and their pulls (counted per arm), in a few statements; those
-    already in the file (a retried batch) are skipped, pulls and all."""
+    """The decisions' rows, in a few statements; those already in the file (a retried
+    batch) are skipped. A decision is its pull: pulls are counted from the log
+    (`decisions_user_arm`, ADR 0030)."""
     present = _present(conn, [row[0] for row in run])
     if present:
         run = [row for row in run if row[0] not in present]
     rows: list[object] = []
-    pulls: dict[tuple[str, str, str], int] = {}
     for decision_id, user_id, policy, created_at, arm, prompt_version, record in run:
         # A serialized Decision opens with 0x08; one that opens with zlib's 0x78 was
         # compressed by its sender already (a parent from before the writer compressed,
         # meeting a child started from an upgraded package), and is stored as it is.
         data = record if record[:1] == b"\x78" else zlib.compress(record, COMPRESS_LEVEL)
         rows += (decision_id, user_id, policy, created_at, arm, prompt_version, data)
-        key = (user_id, policy, arm)
-        pulls[key] = pulls.get(key, 0) + 1
     for start, size in _chunks(len(run), 7, conn):
         conn.execute(
             _multi_row(
@@ -149,17 +146,6 @@ def insert_decisions(conn: sqlite3.Connection, run: Sequence[DecisionRow]) -> No
                 size,
             ),
             rows[7 * start : 7 * (start + size)],
-        )
-    counts = [v for (user_id, policy, arm), n in pulls.items() for v in (user_id, policy, arm, n)]
-    for start, size in _chunks(len(pulls), 4, conn):
-        conn.execute(
-            _multi_row(
-                "INSERT INTO pulls (user_id, policy, arm, n)",
-                "(?, ?, ?, ?)",
-                size,
-                " ON CONFLICT (user_id, policy, arm) DO UPDATE SET n = n + excluded.n",
-            ),
-            counts[4 * start : 4 * (start + size)],
         )
 
 
