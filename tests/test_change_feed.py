@@ -259,3 +259,33 @@ def _started(feed: SqliteChangeFeed) -> Callable[[], Awaitable[None]]:
         assert feed.probe is not None and feed.probe.pid is not None
 
     return check
+
+
+async def test_a_probe_that_keeps_dying_is_restarted_less_and_less_often(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A child that cannot run (here: a NaN poll interval, which its select refuses) is
+    started again after 1, 2, 4, 8 ... s, not every second forever."""
+    pauses: list[float] = []
+    real_sleep = asyncio.sleep
+
+    async def sleep(delay: float, *args: Any) -> Any:
+        if delay >= 1:  # the restart pauses: recorded, not waited out
+            pauses.append(delay)
+            delay = 0.01
+        return await real_sleep(delay, *args)
+
+    monkeypatch.setattr(change_probe.asyncio, "sleep", sleep)
+    probe = change_probe.ProbeProcess(
+        str(tmp_path / "x.db"), float("nan"), 1, lambda: None, lambda: 0
+    )
+    probe.start()
+    try:
+
+        async def five_starts() -> None:
+            assert probe.starts >= 5
+
+        await assert_eventually(five_starts, within=30)
+    finally:
+        await probe.stop()
+    assert pauses[:4] == [1.0, 2.0, 4.0, 8.0]

@@ -37,9 +37,13 @@ UNREADABLE = b"e"
 # After a failed read, the child waits this long before the next (the parent's own reads
 # report and back off the same way).
 _ERROR_PAUSE_S = 1.0
-# A child that ends on its own (killed, out of memory) is started again after this pause;
-# meanwhile the feed's periodic full read keeps the caches at most a second behind.
+# A child that ends on its own (killed, out of memory) is started again after this pause,
+# doubled while children keep ending within _RESTART_RESET_S of their start (so one that
+# cannot run at all is not restarted, and logged, every second); meanwhile the feed's
+# periodic full read keeps the caches at most a second behind.
 _RESTART_PAUSE_S = 1.0
+_RESTART_PAUSE_MAX_S = 30.0
+_RESTART_RESET_S = 60.0
 
 
 def head(conn: sqlite3.Connection) -> tuple[int, int]:
@@ -108,7 +112,7 @@ def _tell(stdout: int, what: bytes) -> bool:
 
 class ProbeProcess:
     """The parent's end: starts the child, calls `wake` for every byte it writes, and
-    starts it again (after `_RESTART_PAUSE_S`) if it ends on its own."""
+    starts it again (after `_RESTART_PAUSE_S`, doubling) if it ends on its own."""
 
     def __init__(
         self,
@@ -140,7 +144,10 @@ class ProbeProcess:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="oo-change-probe")
 
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        pause = _RESTART_PAUSE_S
         while not self._stopping:
+            started = loop.time()
             try:
                 proc = self._proc = await asyncio.create_subprocess_exec(
                     sys.executable,
@@ -154,8 +161,9 @@ class ProbeProcess:
                     stdout=asyncio.subprocess.PIPE,
                 )
             except OSError as e:
-                log.warning("change probe could not start (retrying): %s", e)
-                await asyncio.sleep(_RESTART_PAUSE_S)
+                log.warning("change probe could not start (retrying in %.0f s): %s", pause, e)
+                await asyncio.sleep(pause)
+                pause = min(2 * pause, _RESTART_PAUSE_MAX_S)
                 continue
             self.starts += 1
             assert proc.stdin is not None and proc.stdout is not None
@@ -170,9 +178,16 @@ class ProbeProcess:
             await proc.wait()
             if self._stopping:
                 return
-            log.warning("change probe process ended (status %s); starting another", proc.returncode)
+            if loop.time() - started >= _RESTART_RESET_S:
+                pause = _RESTART_PAUSE_S
+            log.warning(
+                "change probe process ended (status %s); starting another in %.0f s",
+                proc.returncode,
+                pause,
+            )
             self.wake()  # whatever happened meanwhile is read now
-            await asyncio.sleep(_RESTART_PAUSE_S)
+            await asyncio.sleep(pause)
+            pause = min(2 * pause, _RESTART_PAUSE_MAX_S)
 
     async def stop(self) -> None:
         """End the child (end of input) and wait for it."""
