@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import subprocess
@@ -199,15 +200,23 @@ async def test_the_probe_does_not_wake_the_follower_for_its_own_writes(
         await assert_eventually(_started(follower.feed), within=10)
         probe = follower.feed.probe
         assert probe is not None
+        # A foreign write first: once it arrived, the child is polling.
+        await a.commit([PutState("ann", "egreedy", 0, STATE)])
+
+        async def polling() -> None:
+            assert follower.seen == [Change("ann", "egreedy", 1)]
+
+        await assert_eventually(polling, within=5)
+        before = probe.wakes
         for i in range(20):
             await b.commit([PutState(f"mine-{i}", "egreedy", 0, STATE)])
         await asyncio.sleep(10 * follower.feed.poll_s)  # ten polls, at least
-        assert probe.wakes == 0
-        await a.commit([PutState("ann", "egreedy", 0, STATE)])
+        assert probe.wakes == before
+        await a.commit([PutState("bob", "egreedy", 0, STATE)])
 
         async def woken() -> None:
-            assert probe.wakes >= 1
-            assert follower.seen == [Change("ann", "egreedy", 1)]
+            assert probe.wakes > before
+            assert follower.seen[1:] == [Change("bob", "egreedy", 1)]
 
         await assert_eventually(woken, within=5)
 
@@ -262,30 +271,45 @@ def _started(feed: SqliteChangeFeed) -> Callable[[], Awaitable[None]]:
 
 
 async def test_a_probe_that_keeps_dying_is_restarted_less_and_less_often(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A child that cannot run (here: a NaN poll interval, which its select refuses) is
-    started again after 1, 2, 4, 8 ... s, not every second forever."""
-    pauses: list[float] = []
-    real_sleep = asyncio.sleep
+    started again after longer and longer pauses (1, 2, 4 ... s; scaled down here), not
+    every second forever; and a stop ends a pause at once."""
+    monkeypatch.setattr(change_probe, "_RESTART_PAUSE_S", 0.05)
+    monkeypatch.setattr(change_probe, "_RESTART_PAUSE_MAX_S", 0.4)
+    probe = change_probe.ProbeProcess(
+        str(tmp_path / "x.db"), float("nan"), 1, lambda: None, lambda: 0
+    )
+    with caplog.at_level(logging.WARNING, logger=change_probe.__name__):
+        probe.start()
+        try:
 
-    async def sleep(delay: float, *args: Any) -> Any:
-        if delay >= 1:  # the restart pauses: recorded, not waited out
-            pauses.append(delay)
-            delay = 0.01
-        return await real_sleep(delay, *args)
+            async def five_starts() -> None:
+                assert probe.starts >= 5
 
-    monkeypatch.setattr(change_probe.asyncio, "sleep", sleep)
+            await assert_eventually(five_starts, within=30)
+        finally:
+            await probe.stop()
+    pauses = [r.args[1] for r in caplog.records if "starting another" in r.getMessage()]
+    assert pauses[:4] == [0.05, 0.1, 0.2, 0.4]
+
+
+async def test_a_stop_does_not_wait_out_a_restart_pause(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(change_probe, "_RESTART_PAUSE_S", 30.0)
     probe = change_probe.ProbeProcess(
         str(tmp_path / "x.db"), float("nan"), 1, lambda: None, lambda: 0
     )
     probe.start()
-    try:
 
-        async def five_starts() -> None:
-            assert probe.starts >= 5
+    async def dead_once() -> None:
+        assert probe.starts == 1 and probe._proc is not None
+        assert probe._proc.returncode is not None
 
-        await assert_eventually(five_starts, within=30)
-    finally:
-        await probe.stop()
-    assert pauses[:4] == [1.0, 2.0, 4.0, 8.0]
+    await assert_eventually(dead_once, within=10)
+    await asyncio.sleep(0.1)  # into the 30 s pause
+    started = time.monotonic()
+    await probe.stop()
+    assert time.monotonic() - started < 2

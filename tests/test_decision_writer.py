@@ -305,6 +305,11 @@ def test_a_failed_commit_leaves_no_transaction_open(tmp_path: Path) -> None:
         " created_at REAL, chosen_arm TEXT, prompt_version TEXT, data BLOB,"
         " FOREIGN KEY (user_id) REFERENCES users (id) DEFERRABLE INITIALLY DEFERRED)"
     )
+    # A file from before ADR 0030 (no `pull_offsets`): the writer counts pulls here too.
+    conn.execute(
+        "CREATE TABLE pulls (user_id TEXT, policy TEXT, arm TEXT, n INTEGER,"
+        " PRIMARY KEY (user_id, policy, arm))"
+    )
     row = ("d1", "u", "p", 1.0, "a", "", b"x")
     kind, reason = decision_writer._commit(conn, [("decisions", [row])])
     assert (kind, "FOREIGN KEY" in reason) == ("refused", True)
@@ -312,4 +317,5 @@ def test_a_failed_commit_leaves_no_transaction_open(tmp_path: Path) -> None:
     conn.execute("INSERT INTO users VALUES ('u')")
     assert decision_writer._commit(conn, [("decisions", [row])]) == ("ok", [])
     assert conn.execute("SELECT count(*) FROM decisions").fetchone() == (1,)
+    assert conn.execute("SELECT n FROM pulls").fetchone() == (1,)
     conn.close()

@@ -356,22 +356,53 @@ async def test_a_file_with_a_pulls_table_keeps_every_users_pulls(tmp_path: Path)
         " reward, rewarded_at, data) VALUES (?, ?, 'p', 1.0, ?, ?, ?, x'00')",
         [(d, u, a, None if at is None else 1.0, at) for d, u, a, at in logged],
     )
-    # u: 3 more pulls of a whose decisions were pruned; v: one pull since its reset.
+    # u: 3 more pulls of a whose decisions were pruned; v: one pull since its reset; w:
+    # pulls whose decisions are all gone; x: decisions and no pulls (reset since).
+    old.execute(
+        "INSERT INTO decisions (decision_id, user_id, policy, created_at, chosen_arm,"
+        " reward, rewarded_at, data) VALUES ('x1', 'x', 'p', 1.0, 'a', 1.0, 70.0, x'00')"
+    )
     old.executemany(
         "INSERT INTO pulls (user_id, policy, arm, n) VALUES (?, 'p', ?, ?)",
-        [("u", "a", 5), ("u", "b", 1), ("v", "b", 1)],
+        [("u", "a", 5), ("u", "b", 1), ("v", "b", 1), ("w", "c", 2)],
     )
     old.close()
     store = SqliteStore.open(path)
     try:
-        assert await store.pulls("u", "p") == {"a": 5, "b": 1}
-        assert await store.pulls("v", "p") == {"b": 1}
-        assert await store.prune_decisions(rewarded_before=1000.0) == 3
-        assert await store.pulls("u", "p") == {"a": 5, "b": 1}
-        assert await store.pulls("v", "p") == {"b": 1}
-        tables = await store.db.read(
-            lambda conn: {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
+        expected = {"u": {"a": 5, "b": 1}, "v": {"b": 1}, "w": {"c": 2}, "x": {}}
+        for user, pulls in expected.items():
+            assert await store.pulls(user, "p") == pulls, user
+        assert await store.prune_decisions(rewarded_before=1000.0) == 4
+        for user, pulls in expected.items():
+            assert await store.pulls(user, "p") == pulls, user
+        # The old table stays for a previous version's writer, and is no longer counted.
+        await store.commit([decision(1, arm="a")])
+        assert await store.pulls("u", "p") == {"a": 6, "b": 1}
+        old_counts = await store.db.read(
+            lambda conn: conn.execute("SELECT total(n) FROM pulls").fetchone()[0]
         )
-        assert "pulls" not in tables and "pull_offsets" in tables
+        assert old_counts == 9
+    finally:
+        await store.close()
+
+
+async def test_a_writer_on_a_file_not_migrated_yet_still_counts_pulls(tmp_path: Path) -> None:
+    """A parent of the previous version, whose writer child starts from an upgraded
+    package: on the file it has not migrated, the writer keeps counting in `pulls`, so
+    the migration, when it comes, carries every pull over (ADR 0030)."""
+    path = tmp_path / "oo-ml.db"
+    old = sqlite3.connect(path, isolation_level=None)
+    for migration in scoring.MIGRATIONS[:-1]:
+        old.executescript(migration)
+    old.execute(f"PRAGMA user_version={len(scoring.MIGRATIONS) - 1}")
+    old.execute("BEGIN")
+    rows = [scoring._decision_row(decision(i, arm="ab"[i % 2]).record) for i in range(5)]
+    decision_writer.insert_decisions(old, rows)
+    old.execute("COMMIT")
+    assert dict(old.execute("SELECT arm, n FROM pulls").fetchall()) == {"a": 3, "b": 2}
+    old.close()
+    store = SqliteStore.open(path)
+    try:
+        assert await store.pulls("u", "p") == {"a": 3, "b": 2}
     finally:
         await store.close()

@@ -320,7 +320,10 @@ def _thompson_propensities_in_pieces(
     1,000 apart). Falls back to that grid when an arm's cuts collapse (a width below its
     mean's floating-point resolution)."""
     cuts = mean[:, np.newaxis] + sd[:, np.newaxis] * _TS_CUTS[np.newaxis, :]
-    if not bool((np.diff(cuts, axis=1) > 0.0).all()):
+    # Only arms that reach [lo, hi] matter: one far below it (never the largest) may have
+    # any width.
+    reaching = cuts[:, -1] >= lo
+    if not bool((np.diff(cuts[reaching], axis=1) > 0.0).all()):
         return _thompson_propensities_per_arm(mean, sd)
     edges = np.unique(np.concatenate(([lo, hi], cuts[(cuts > lo) & (cuts < hi)])))
     mid = 0.5 * (edges[1:] + edges[:-1])

@@ -5,17 +5,18 @@ added to it.
 It was a thread of the server (ADR 0020). A thread's every poll takes the GIL from the
 busy event loop about three times (after its sleep, and around each SQLite step), and each
 time the loop waits for the interpreter's switch interval and hands over: under Score
-load the probe cost the server 5-8 % of its QPS (two runs of three alternating pairs,
-ADR 0029). A process has its own interpreter, and the loop hears from it only when there
+load the probe cost the server 5-8 % of its QPS (two alternating pairs, ADR 0029). A process has its own interpreter, and the loop hears from it only when there
 is something to read. It also skips the parent's own rows (`origin`): under Reward load
 the parent's own writes, which its caches took by write-through, moved the head at every
 poll and woke the loop for nothing.
 
 The child is this module run as a script, with no oo_ml import, so it starts in a few tens
 of milliseconds. Its arguments: the file, the poll interval in seconds, the parent's
-origin, and the highest seq the parent has read. It writes b"c" when rows of another origin arrived, or the prune horizon moved (a
-follower may have lost rows), and b"e" when it cannot read the file (the parent's own read
-reports and retries). It ends at end of input: its parent closed the pipe, or died.
+origin, and the highest seq the parent has read. It writes b"c" when rows of another
+origin arrived, or the prune horizon moved (a follower may have lost rows), and b"e" when
+it cannot read the file (the parent's own read reports and retries). It opens the file
+read-only (a file deleted meanwhile is not made again, empty). It ends at end of input:
+its parent closed the pipe, or died.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import select
 import signal
 import sqlite3
 import sys
+import urllib.parse
 from collections.abc import Callable
 
 log = logging.getLogger(__name__)
@@ -72,7 +74,8 @@ def main(path: str, poll_s: float, origin: int, after: int) -> int:
     stdin, stdout = sys.stdin.fileno(), sys.stdout.fileno()
     conn: sqlite3.Connection | None = None
     seen = after  # the highest seq looked at
-    horizon: int | None = None  # the prune horizon last seen (unknown at first)
+    horizon = 0  # the prune horizon last seen: a prune before the first look wakes too
+    uri = f"file:{urllib.parse.quote(os.path.abspath(path))}?mode=ro"
     pause = poll_s
     while True:
         # Waiting on the pipe, not sleeping: the parent's close ends the wait at once.
@@ -82,13 +85,11 @@ def main(path: str, poll_s: float, origin: int, after: int) -> int:
         pause = poll_s
         try:
             if conn is None:
-                conn = sqlite3.connect(path, isolation_level=None)
+                conn = sqlite3.connect(uri, uri=True, isolation_level=None)
                 conn.execute("PRAGMA query_only=ON")
                 conn.execute("PRAGMA busy_timeout=100")
             top, pruned = head(conn)
-            changed = (horizon is not None and pruned != horizon) or (
-                top > seen and foreign_since(conn, seen, top, origin)
-            )
+            changed = pruned != horizon or (top > seen and foreign_since(conn, seen, top, origin))
         except sqlite3.Error:
             if not _tell(stdout, UNREADABLE):
                 break
@@ -135,12 +136,14 @@ class ProbeProcess:
         self._proc: asyncio.subprocess.Process | None = None
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
+        self._stopped: asyncio.Event | None = None
 
     @property
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None else None
 
     def start(self) -> None:
+        self._stopped = asyncio.Event()
         self._task = asyncio.get_running_loop().create_task(self._run(), name="oo-change-probe")
 
     async def _run(self) -> None:
@@ -149,49 +152,58 @@ class ProbeProcess:
         while not self._stopping:
             started = loop.time()
             try:
-                proc = self._proc = await asyncio.create_subprocess_exec(
-                    sys.executable,
-                    "-I",  # no PYTHONPATH, no user site, no script directory on sys.path
-                    __file__,
-                    self.path,
-                    repr(self.poll_s),
-                    str(self.origin),
-                    str(self.position()),
-                    stdin=asyncio.subprocess.PIPE,
-                    stdout=asyncio.subprocess.PIPE,
-                )
-            except OSError as e:
-                log.warning("change probe could not start (retrying in %.0f s): %s", pause, e)
-                await asyncio.sleep(pause)
-                pause = min(2 * pause, _RESTART_PAUSE_MAX_S)
-                continue
-            self.starts += 1
-            assert proc.stdin is not None and proc.stdout is not None
-            if self._stopping:  # stopped while it started
-                proc.stdin.close()
-            while True:
-                got = await proc.stdout.read(4096)
-                if not got:
-                    break
-                self.wakes += len(got)
-                self.wake()
-            await proc.wait()
+                ended = await self._child()
+            except Exception as e:  # a bug here must not end the probe for the server's life
+                log.exception("change probe failed")
+                ended = f"failed: {e!r}"
             if self._stopping:
                 return
             if loop.time() - started >= _RESTART_RESET_S:
                 pause = _RESTART_PAUSE_S
-            log.warning(
-                "change probe process ended (status %s); starting another in %.0f s",
-                proc.returncode,
-                pause,
-            )
+            log.warning("change probe %s; starting another in %g s", ended, pause)
             self.wake()  # whatever happened meanwhile is read now
-            await asyncio.sleep(pause)
+            await self._pause(pause)
             pause = min(2 * pause, _RESTART_PAUSE_MAX_S)
+
+    async def _pause(self, seconds: float) -> None:
+        """Wait `seconds`, or until `stop`."""
+        assert self._stopped is not None
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopped.wait(), seconds)
+
+    async def _child(self) -> str:
+        """Start a child and pass on its bytes until it ends; how it ended."""
+        try:
+            proc = self._proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-I",  # no PYTHONPATH, no user site, no script directory on sys.path
+                __file__,
+                self.path,
+                repr(self.poll_s),
+                str(self.origin),
+                str(self.position()),
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+            )
+        except OSError as e:
+            return f"could not start ({e})"
+        self.starts += 1
+        assert proc.stdin is not None and proc.stdout is not None
+        if self._stopping:  # stopped while it started
+            proc.stdin.close()
+        while True:
+            got = await proc.stdout.read(4096)
+            if not got:
+                break
+            self.wakes += len(got)
+            self.wake()
+        return f"process ended (status {await proc.wait()})"
 
     async def stop(self) -> None:
         """End the child (end of input) and wait for it."""
         self._stopping = True
+        if self._stopped is not None:
+            self._stopped.set()  # a pause before a restart ends now
         proc = self._proc
         if proc is not None and proc.returncode is None and proc.stdin is not None:
             proc.stdin.close()

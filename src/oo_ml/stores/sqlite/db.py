@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _MAX_BATCH = 512
+# How long an opener waits for another process's migration (workers starting at once).
+MIGRATION_LOCK_WAIT_MS = 300_000
 # Reads answered together: enough to share a wake-up under load, few enough that the
 # first of them does not wait long for the others.
 _MAX_READS = 16
@@ -167,7 +169,11 @@ class SqliteDB:
         # once (the workers of `oo-ml serve --workers N`) migrate it one after the other,
         # and the later ones find it done. Statement by statement, as executescript()
         # would commit first. (No migration has a ';' inside a literal.)
+        # A migration can hold the lock for seconds (ADR 0030's took 2.2 s for a million
+        # decisions): the other openers wait for it rather than fail after 5 s.
+        conn.execute(f"PRAGMA busy_timeout={MIGRATION_LOCK_WAIT_MS}")
         conn.execute("BEGIN IMMEDIATE")
+        conn.execute("PRAGMA busy_timeout=5000")
         try:
             version = conn.execute("PRAGMA user_version").fetchone()[0]
             for script in migrations[version:]:

@@ -126,7 +126,9 @@ def _present(conn: sqlite3.Connection, ids: list[str]) -> set[str]:
 def insert_decisions(conn: sqlite3.Connection, run: Sequence[DecisionRow]) -> None:
     """The decisions' rows, in a few statements; those already in the file (a retried
     batch) are skipped. A decision is its pull: pulls are counted from the log
-    (`decisions_user_arm`, ADR 0030)."""
+    (`decisions_user_arm`, ADR 0030), except in a file not migrated to that yet (a
+    parent of the previous version, which started this child from an upgraded package):
+    there they are still counted in `pulls`, which the migration then carries over."""
     present = _present(conn, [row[0] for row in run])
     if present:
         run = [row for row in run if row[0] not in present]
@@ -146,6 +148,36 @@ def insert_decisions(conn: sqlite3.Connection, run: Sequence[DecisionRow]) -> No
                 size,
             ),
             rows[7 * start : 7 * (start + size)],
+        )
+    if run and not _counts_pulls_from_the_log(conn):
+        _count_pulls(conn, run)
+
+
+def _counts_pulls_from_the_log(conn: sqlite3.Connection) -> bool:
+    # Read in the batch's transaction, so a migration cannot land between it and the
+    # inserts (it needs the write lock this transaction holds).
+    row = conn.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'pull_offsets'"
+    ).fetchone()
+    return row is not None
+
+
+def _count_pulls(conn: sqlite3.Connection, run: Sequence[DecisionRow]) -> None:
+    """The pulls of `run`, per arm, in the `pulls` table of a file from before ADR 0030."""
+    pulls: dict[tuple[str, str, str], int] = {}
+    for _, user_id, policy, _, arm, _, _ in run:
+        key = (user_id, policy, arm)
+        pulls[key] = pulls.get(key, 0) + 1
+    counts = [v for (user_id, policy, arm), n in pulls.items() for v in (user_id, policy, arm, n)]
+    for start, size in _chunks(len(pulls), 4, conn):
+        conn.execute(
+            _multi_row(
+                "INSERT INTO pulls (user_id, policy, arm, n)",
+                "(?, ?, ?, ?)",
+                size,
+                " ON CONFLICT (user_id, policy, arm) DO UPDATE SET n = n + excluded.n",
+            ),
+            counts[4 * start : 4 * (start + size)],
         )
 
 

@@ -174,7 +174,11 @@ MIGRATIONS: list[str] = [
     # per-user B-tree (`pulls`) in the writer: a page per decision, 30 % of the writer's
     # CPU. `pull_offsets` holds what the log does not: + the pulls of decisions pruned or
     # set aside, - those of the rewarded decisions a reset kept. Built here from both.
+    # `pulls` stays, unread: a writer process of the previous version (a worker not yet
+    # restarted after an upgrade in place) still inserts into it, harmlessly.
     """
+    CREATE INDEX decisions_user_arm ON decisions (user_id, policy, chosen_arm);
+    DROP INDEX decisions_user;
     CREATE TABLE pull_offsets (
         user_id TEXT NOT NULL,
         policy TEXT NOT NULL,
@@ -189,9 +193,6 @@ MIGRATIONS: list[str] = [
             SELECT user_id, policy, chosen_arm, -count(*) FROM decisions
                 GROUP BY user_id, policy, chosen_arm
         ) GROUP BY user_id, policy, arm HAVING sum(n) != 0;
-    DROP TABLE pulls;
-    CREATE INDEX decisions_user_arm ON decisions (user_id, policy, chosen_arm);
-    DROP INDEX decisions_user;
     """,
 ]
 
@@ -660,9 +661,10 @@ class SqliteStore:
 
     async def prune_oldest_rewarded(self, count: int) -> int:
         def tx(conn: sqlite3.Connection) -> int:
+            # Ties broken by id: the three statements below must pick the same rows.
             oldest = (
                 "SELECT decision_id FROM decisions WHERE reward IS NOT NULL"
-                " ORDER BY rewarded_at LIMIT ?"
+                " ORDER BY rewarded_at, decision_id LIMIT ?"
             )
             conn.execute(f"DELETE FROM decision_shadows WHERE decision_id IN ({oldest})", (count,))
             _offset_pulls(conn, f"decision_id IN ({oldest})", (count,))
