@@ -8,6 +8,7 @@ import contextlib
 import itertools
 import os
 import random
+import re
 import signal
 import sys
 import time
@@ -186,3 +187,17 @@ async def test_kill_9_under_load_loses_no_acknowledged_reward(tmp_path: Path) ->
     old = [d for d in lost if killed_at - answered[d] > 0.5]
     assert not old, f"{len(old)} decisions answered over 0.5 s before the kill were lost"
     print(f"answered {len(answered)}, rewarded {len(rewarded)}, lost {len(lost)} of the last flush")
+
+
+def test_the_server_makes_full_collections_rare(tmp_path: Path) -> None:
+    """`oo-ml serve` raises the cyclic collector's third threshold (ADR 0031): full
+    collections walked every cached model every few seconds, for a few hundred objects."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OO_")}
+    exe = str(Path(sys.executable).parent / "oo-ml")
+    args = [exe, "serve", "--port", "0", "--data-dir", str(tmp_path / "data"), "--no-ingest"]
+    server = ServerProcess(args, env)
+    try:
+        assert server.stop(signal.SIGTERM) == 0
+    finally:
+        err = server.kill()
+    assert re.search(r"cyclic collector thresholds \(\d+, \d+, 1000\)", err), err[-2000:]
