@@ -181,7 +181,7 @@ def run(variants: list[str], rounds: int, seconds: float, spin_duty: float = 0.1
         for r in range(rounds):
             for v in variants:
                 s = servers[v]
-                method = ECHO_METHOD if v.startswith("echo") else SERVICE + "Score"
+                method = ECHO_METHOD if s.kind == "echo" else SERVICE + "Score"
                 slots = [
                     [
                         h2load.Segment(

@@ -19,7 +19,7 @@ from oo_ml.domain.ports import GenerationRecord
 from oo_ml.generate.generator import Generation, Generator
 from oo_ml.schema.contracts import CONTEXT_FEATURES, PROFILE_FEATURES
 from oo_ml.schema.validation import validate
-from oo_ml.schema.wire import tag, varint
+from oo_ml.schema.wire import delimited, tag
 
 _CANDIDATES = scoring_pb2.ScoreRequest.DESCRIPTOR.fields_by_name["candidates"].full_name
 
@@ -64,7 +64,7 @@ def feature_bytes(assembled: Assembled) -> bytes:
             body = scoring_pb2.FeatureValue(
                 name=name, value=value, origin=_ORIGIN[origins[name]]
             ).SerializeToString()
-            encoded = cache[key] = _FEATURES_TAG + varint(len(body)) + body
+            encoded = cache[key] = delimited(_FEATURES_TAG, body)
         parts.append(encoded)
     return b"".join(parts)
 

@@ -23,3 +23,9 @@ def varint(n: int) -> bytes:
 def tag(number: int, wire_type: int) -> bytes:
     """A field's key: its number and wire type (0 varint, 1 fixed64, 2 length-delimited)."""
     return varint(number << 3 | wire_type)
+
+
+def delimited(key: bytes, body: bytes) -> bytes:
+    """A length-delimited field (a string, bytes, a packed array, a message): `key` from
+    `tag(number, 2)`, then the length, then the body."""
+    return key + varint(len(body)) + body

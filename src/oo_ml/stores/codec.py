@@ -23,7 +23,7 @@ from oo_ml.domain.decisions import DecisionRecord, LoggedCandidate, ShadowView
 from oo_ml.domain.features import Vector
 from oo_ml.domain.state import FORMAT_VERSION, ArmModel, PolicyState
 from oo_ml.errors import UnreadableRecord, UnsupportedFormat
-from oo_ml.schema.wire import tag, varint
+from oo_ml.schema.wire import delimited, tag, varint
 
 T = TypeVar("T")
 
@@ -72,7 +72,7 @@ def _packed(key: bytes, values: Vector | None) -> bytes:
     if values is None or values.size == 0:
         return b""  # proto3 writes no empty repeated field
     raw = np.ascontiguousarray(values, dtype=_F64).tobytes()
-    return key + varint(len(raw)) + raw
+    return delimited(key, raw)
 
 
 def _arm_bytes(name: str, m: ArmModel) -> bytes:
@@ -81,7 +81,7 @@ def _arm_bytes(name: str, m: ArmModel) -> bytes:
     parts = []
     if name:
         text = name.encode()
-        parts.append(_ARM_NAME + varint(len(text)) + text)
+        parts.append(delimited(_ARM_NAME, text))
     parts.append(_packed(_A_INV, m.a_inv))
     parts.append(_packed(_B, m.b))
     if m.pulls:
@@ -109,7 +109,7 @@ def encode_state(s: PolicyState) -> bytes:
     parts = [head]
     for name in sorted(s.arms):
         arm = _arm_bytes(name, s.arms[name])
-        parts.append(_ARMS + varint(len(arm)) + arm)
+        parts.append(delimited(_ARMS, arm))
     return b"".join(parts)
 
 
@@ -268,7 +268,7 @@ _CANDIDATE_BYTES_MAX = 20_000
 
 def _run(key: bytes, raw: bytes) -> bytes:
     """A length-delimited field; proto3 writes none for empty bytes or an empty string."""
-    return key + varint(len(raw)) + raw if raw else b""
+    return delimited(key, raw) if raw else b""
 
 
 def _text(key: bytes, text: str) -> bytes:
@@ -296,7 +296,7 @@ def _candidate_entry(c: LoggedCandidate) -> bytes:
         )
         if len(_CANDIDATE_BYTES) >= _CANDIDATE_BYTES_MAX:
             _CANDIDATE_BYTES.clear()
-        found = _CANDIDATE_BYTES[key] = _D_CANDIDATES + varint(len(body)) + body
+        found = _CANDIDATE_BYTES[key] = delimited(_D_CANDIDATES, body)
     return found
 
 

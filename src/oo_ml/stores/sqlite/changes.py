@@ -15,7 +15,8 @@ follower skips its own writes (its caches took them already, by write-through).
 
 `SqliteChangeFeed.follow` has a child process (`change_probe`) look at the head of the
 sequence every `POLL_S` (a few µs on a connection of its own) and, when another origin's
-rows arrived, reads `WHERE seq > last` on the store's reader thread (which never waits behind a commit), handing each batch to `apply`.
+rows arrived, reads `WHERE seq > last` on the store's reader thread (which never waits
+behind a commit), handing each batch to `apply`.
 The table is read every `FULL_READ_S` anyway, whatever the probe says. `prune`, run by
 upkeep, deletes rows older than about `RETENTION_S` and records the highest seq deleted in
 `change_horizon`; a follower whose `last` is below it lost rows it never saw (it was
